@@ -1,0 +1,1 @@
+"""Benchmark: datasets, interleaved side-by-side timing, metrics and reports."""

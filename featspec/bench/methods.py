@@ -1,0 +1,92 @@
+"""Benchmark methods: HF's own generation (the baseline) and every featspec drafter, one interface."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from featspec.drafters import DRAFT_METHODS, build_drafter
+from featspec.engine import GenerationResult, SpeculativeGenerator, eos_token_ids
+from featspec.errors import FeatspecError
+from featspec.models.registry import LoadedModel
+from featspec.models.target import TargetModel
+from featspec.sampling import SamplingConfig
+
+HF_METHODS = ("hf", "hf-pld")
+METHODS = HF_METHODS + DRAFT_METHODS
+PLD_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
+
+
+@dataclass
+class RunRecord:
+    """One generation call: output ids and wall time, plus engine step stats when available."""
+
+    new_ids: list[int]
+    seconds: float
+    result: GenerationResult | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise FeatspecError(f"--methods is empty: pass a comma list from {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise FeatspecError(f"unknown method '{m}': use a comma list from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise FeatspecError(f"--methods lists a method twice: {text}")
+    return methods
+
+
+class HFMethod:
+    """transformers `generate` (greedy or sampling), optionally with its prompt lookup decoding."""
+
+    def __init__(self, name: str, lm: LoadedModel, sampling: SamplingConfig):
+        from transformers import GenerationConfig
+
+        self.name, self.lm, self.sampling = name, lm, sampling
+        eos = eos_token_ids(lm.model, lm.tokenizer)
+        pad = getattr(lm.tokenizer, "pad_token_id", None)
+        kwargs: dict = {"eos_token_id": eos or None, "pad_token_id": pad if pad is not None else (eos[0] if eos else 0)}
+        if sampling.greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+        if name == "hf-pld":
+            kwargs["prompt_lookup_num_tokens"] = PLD_TOKENS
+        self.config = GenerationConfig(**kwargs)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunRecord:
+        x = torch.tensor([prompt_ids], device=self.lm.device)
+        self.config.max_new_tokens = max_new_tokens
+        torch.manual_seed(seed)  # HF sampling draws from the global RNG
+        if self.lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.lm.model.generate(x, attention_mask=torch.ones_like(x), generation_config=self.config)
+        if self.lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        return RunRecord(out[0, len(prompt_ids):].tolist(), time.perf_counter() - t0)
+
+
+class EngineMethod:
+    """featspec's SpeculativeGenerator with one drafter."""
+
+    def __init__(self, name: str, lm: LoadedModel, sampling: SamplingConfig, draft_model: str | None, draft_length: int):
+        self.name, self.sampling = name, sampling
+        drafter = build_drafter(name, lm, draft_model=draft_model, draft_length=draft_length)
+        self.generator = SpeculativeGenerator(TargetModel(lm.model), drafter, eos_token_ids(lm.model, lm.tokenizer), lm.tokenizer)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunRecord:
+        res = self.generator.generate(prompt_ids, max_new_tokens, self.sampling, seed=seed)
+        return RunRecord(res.new_ids, res.total_s, res)
+
+
+def build_method(name: str, lm: LoadedModel, sampling: SamplingConfig, draft_model: str | None = None, draft_length: int = 4):
+    if name in HF_METHODS:
+        return HFMethod(name, lm, sampling)
+    return EngineMethod(name, lm, sampling, draft_model, draft_length)

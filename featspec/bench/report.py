@@ -1,0 +1,66 @@
+"""Benchmark reports: markdown table for stdout/README and a PNG (tokens/s and tau per method)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(report: dict) -> str:
+    rows = [
+        "| method | tokens/s | speedup vs hf | tau | exact match | new tokens | mean tree |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in report["methods"].items():
+        rows.append(
+            f"| {name} | {m['tokens_per_s']:.1f} | {_fmt(m['speedup'], '.2f')} | {_fmt(m['tau'], '.2f')} | "
+            f"{_fmt(m['exact_match'], '.2f')} | {m['new_tokens']} | {_fmt(m['mean_tree_size'], '.1f')} |"
+        )
+    return "\n".join(rows)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    """Atomic write: a crash never leaves a truncated report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(report, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def write_plot(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["methods"])
+    tps = [report["methods"][n]["tokens_per_s"] for n in names]
+    tau = [report["methods"][n]["tau"] or 0.0 for n in names]
+    cfg = report["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].bar(names, tps, color="tab:blue")
+    axes[0].set_ylabel("tokens / s")
+    axes[0].set_title("throughput (same run, interleaved)")
+    for i, n in enumerate(names):
+        sp = report["methods"][n]["speedup"]
+        if sp is not None:
+            axes[0].text(i, tps[i], f"{sp:.2f}x", ha="center", va="bottom", fontsize=8)
+    axes[1].bar(names, tau, color="tab:orange")
+    axes[1].set_ylabel("tau (tokens / verify forward)")
+    axes[1].set_title("acceptance")
+    fig.suptitle(f"{cfg['target']} {cfg['dtype']} on {cfg['device']}, max_new_tokens={cfg['max_new_tokens']}, "
+                 f"T={cfg['temperature']}", fontsize=9)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,150 @@
+"""Side-by-side benchmark: every method on every prompt, interleaved, after a warm-up.
+
+Per prompt the methods run one after another (the order rotates from prompt to prompt), so drift of
+the machine (thermal, other load) hits all methods alike. Speed is reported as a ratio to `hf` from
+the same run, never as a number from elsewhere.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from featspec.bench.datasets import Sample
+from featspec.bench.methods import RunRecord, build_method
+from featspec.errors import FeatspecError
+from featspec.models.registry import LoadedModel
+from featspec.prompts import encode_messages, encode_text, has_chat_template
+from featspec.sampling import SamplingConfig
+
+
+@dataclass
+class MethodTotals:
+    outputs: list[list[list[int]]] = field(default_factory=list)  # per sample, per turn
+    new_tokens: int = 0
+    seconds: float = 0.0
+    committed: int = 0  # tokens committed by verification steps (prefill token excluded)
+    steps: int = 0
+    tree_nodes: int = 0
+    accepted_hist: Counter = field(default_factory=Counter)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    book_s: float = 0.0
+
+    def add(self, rec: RunRecord) -> None:
+        self.new_tokens += len(rec.new_ids)
+        self.seconds += rec.seconds
+        res = rec.result
+        if res is None:
+            return
+        self.prefill_s += res.prefill_s
+        for s in res.steps:
+            self.steps += 1
+            self.committed += s.committed
+            self.tree_nodes += s.tree_size
+            self.accepted_hist[s.accepted] += 1
+            self.draft_s += s.draft_s
+            self.verify_s += s.verify_s
+            self.book_s += s.book_s
+
+
+def prompt_ids_for(lm: LoadedModel, sample: Sample, history: list[dict[str, str]]) -> list[int]:
+    if not has_chat_template(lm.tokenizer) and sample.plain is not None and len(sample.turns) == 1:
+        return encode_text(lm.tokenizer, sample.plain)
+    return encode_messages(lm.tokenizer, history)
+
+
+def run_bench(
+    lm: LoadedModel,
+    samples: list[Sample],
+    methods: list[str],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    draft_model: str | None = None,
+    draft_length: int = 4,
+    warmup: int = 1,
+    config_extra: dict | None = None,
+) -> dict:
+    """Run the benchmark and return the JSON-ready report."""
+    if not samples:
+        raise FeatspecError("the dataset selection is empty: raise --limit or pick another dataset")
+    runners = {m: build_method(m, lm, sampling, draft_model, draft_length) for m in methods}
+    totals = {m: MethodTotals() for m in methods}
+
+    warm_ids = prompt_ids_for(lm, samples[0], [{"role": "user", "content": samples[0].turns[0]}])
+    for _ in range(warmup):
+        for m in methods:
+            runners[m].run(warm_ids, min(32, max_new_tokens), seed)
+
+    bar = tqdm(total=len(samples) * len(methods), desc="bench", unit="run", dynamic_ncols=True)
+    for i, sample in enumerate(samples):
+        order = methods[i % len(methods):] + methods[: i % len(methods)]
+        for m in order:
+            history: list[dict[str, str]] = []
+            outs: list[list[int]] = []
+            for turn in sample.turns:
+                history.append({"role": "user", "content": turn})
+                ids = prompt_ids_for(lm, sample, history)
+                rec = runners[m].run(ids, max_new_tokens, seed + i)
+                totals[m].add(rec)
+                outs.append(rec.new_ids)
+                history.append({"role": "assistant", "content": lm.tokenizer.decode(rec.new_ids, skip_special_tokens=True)})
+            totals[m].outputs.append(outs)
+            bar.update(1)
+            bar.set_postfix_str(f"{m} {totals[m].new_tokens / max(totals[m].seconds, 1e-9):.1f} tok/s")
+    bar.close()
+    return make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, draft_model, draft_length, config_extra)
+
+
+def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, draft_model, draft_length, extra) -> dict:
+    base = totals.get("hf")
+    base_tps = base.new_tokens / base.seconds if base and base.seconds > 0 else None
+    report_methods = {}
+    for m in methods:
+        t = totals[m]
+        tps = t.new_tokens / t.seconds if t.seconds > 0 else 0.0
+        drafts = m not in ("hf", "hf-pld", "vanilla")
+        exact = None
+        if base is not None and sampling.greedy:
+            exact = sum(a == b for a, b in zip(t.outputs, base.outputs)) / len(samples)
+        hist = {str(k): v for k, v in sorted(t.accepted_hist.items())}
+        report_methods[m] = {
+            "tokens_per_s": tps,
+            "speedup": tps / base_tps if base_tps else None,
+            "tau": (t.committed / t.steps) if drafts and t.steps else None,
+            "exact_match": exact,
+            "new_tokens": t.new_tokens,
+            "prompts": len(samples),
+            "seconds": t.seconds,
+            "verify_forwards": t.steps if t.steps else None,
+            "mean_tree_size": (t.tree_nodes / t.steps) if t.steps else None,
+            "accepted_length_hist": hist if drafts else None,
+            "time_breakdown_s": None if t.steps == 0 else {
+                "prefill": t.prefill_s, "draft": t.draft_s, "verify": t.verify_s, "bookkeeping": t.book_s,
+            },
+        }
+    config = {
+        "target": lm.spec,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "device": str(lm.device),
+        "max_new_tokens": max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": seed,
+        "methods": methods,
+        "draft_model": draft_model,
+        "draft_length": draft_length,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "sample_ids": [s.id for s in samples],
+    }
+    config.update(extra or {})
+    return {"config": config, "methods": report_methods}
