@@ -182,6 +182,10 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars would bury featspec's own output
+    hf_logging.set_verbosity_error()
     try:
         if args.command == "generate":
             return cmd_generate(args)
