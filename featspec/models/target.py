@@ -19,7 +19,7 @@ from featspec.models.kv import select_cache, truncate_cache
 
 @dataclass
 class VerifyOutput:
-    logits: torch.Tensor  # (n, V): target logits at each tree node
+    logits: torch.Tensor  # (n, V): target logits at each tree node; (1, V) after prefill (last position only)
     hidden: tuple[torch.Tensor, ...] | None  # per layer (n, H) when requested (index 0 = embeddings)
 
 
@@ -45,7 +45,7 @@ class TargetModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _forward(self, ids: list[int], position_ids: torch.Tensor | None, mask, hidden: bool):
+    def _forward(self, ids: list[int], position_ids: torch.Tensor | None, mask, hidden: bool, keep: int = 0):
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             attention_mask=mask,
@@ -53,16 +53,21 @@ class TargetModel:
             past_key_values=self.cache,
             use_cache=True,
             output_hidden_states=hidden,
+            logits_to_keep=keep,
         )
         hs = tuple(h[0] for h in out.hidden_states) if hidden else None
         return out.logits[0], hs
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], hidden: bool = False) -> VerifyOutput:
-        """Start a sequence: cache the prompt, return logits/features of every prompt position."""
+        """Start a sequence: cache the prompt; return the last position's logits and every position's features.
+
+        Only the last row of logits is computed: on a 262k vocabulary the LM head over a long prompt
+        would otherwise cost more than the transformer layers.
+        """
         self.cache = DynamicCache()
         self.length = 0
-        logits, hs = self._forward(prompt_ids, None, None, hidden)
+        logits, hs = self._forward(prompt_ids, None, None, hidden, keep=1)
         self.length = len(prompt_ids)
         return VerifyOutput(logits, hs)
 
