@@ -1,4 +1,4 @@
-"""featspec command line: generate and bench (train / export / xmodal come with later issues)."""
+"""featspec command line: generate, bench, train, export."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="for method 'model': a model spec with the target's tokenizer, or layers:N for the target's "
                         "first N layers (default: a quarter of the target's layers)")
     p.add_argument("--draft-length", type=_positive_int, default=4, help="tokens the 'model' drafter proposes per step")
+    p.add_argument("--head", default=None,
+                   help="for eagle1/eagle2/eagle3: head directory or hub id (default: the head featspec ships for the target)")
+    p.add_argument("--depth", type=_positive_int, default=6, help="eagle2/eagle3: dynamic tree depth (default 6)")
+    p.add_argument("--topk", type=_positive_int, default=8, help="eagle2/eagle3: children per expanded node (default 8)")
+    p.add_argument("--total-tokens", type=_positive_int, default=48,
+                   help="eagle2/eagle3: draft nodes verified per step (default 48; the ceiling with --budget auto)")
+    p.add_argument("--budget", choices=("fixed", "auto"), default="fixed",
+                   help="eagle2/eagle3: auto picks the node count every step from draft confidence and the "
+                        "measured verify-cost curve of this machine (default fixed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +78,70 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="hf,vanilla,ngram", help=f"comma list from {', '.join(METHODS)}")
     b.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all methods before timing (default 1)")
     b.add_argument("--json", default="bench.json", help="where to write the JSON report (a .png and .md go beside it)")
+    t = sub.add_parser("train", help="train an EAGLE-1 or EAGLE-3 draft head (checkpoints, --resume)")
+    from featspec.train.trainer import TrainConfig
+
+    d = TrainConfig()
+    t.add_argument("--method", choices=("eagle1", "eagle3"), default=d.method, help=f"head type (default {d.method})")
+    t.add_argument("--target", default=d.target, help=f"target model spec (default {d.target})")
+    t.add_argument("--data", default=d.data, help="training data: sharegpt (the held-out benchmark slice is excluded)")
+    t.add_argument("--max-conversations", type=_positive_int, default=d.max_conversations,
+                   help=f"conversations to train on (default {d.max_conversations})")
+    t.add_argument("--max-length", type=_positive_int, default=d.max_length, help=f"tokens per conversation (default {d.max_length})")
+    t.add_argument("--out", required=True, help="run directory: checkpoint/ while training, head/ at the end")
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
+    t.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"sequences per micro-batch (default {d.batch_size}; 1 avoids padding on a CPU)")
+    t.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum, help=f"micro-batches per step (default {d.grad_accum})")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr}); warm-up then cosine")
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--ttt-steps", type=_positive_int, default=d.ttt_steps,
+                   help=f"EAGLE-3 training-time-test steps (default {d.ttt_steps}; the paper uses 7)")
+    t.add_argument("--draft-vocab", type=_positive_int, default=d.draft_vocab, help=f"EAGLE-3 draft vocabulary (default {d.draft_vocab})")
+    t.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype, help="bfloat16 autocast (default) or float32")
+    t.add_argument("--save-every", type=_positive_int, default=d.save_every, help="optimizer steps between checkpoints")
+    t.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between held-out evaluations (0 = end only)")
+    t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = full schedule)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--regenerate", action="store_true", help="train on the target's own answers (not implemented yet)")
+
+    e = sub.add_parser("export", help="write a checked copy of a head in the vLLM / SGLang layout")
+    e.add_argument("--head", required=True, help="head directory or hub id")
+    e.add_argument("--format", choices=("vllm", "sglang"), required=True)
+    e.add_argument("--out", required=True, help="output directory")
     return parser
+
+
+def cmd_train(args) -> int:
+    from featspec.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        method=args.method, target=args.target, data=args.data, max_conversations=args.max_conversations,
+        max_length=args.max_length, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, ttt_steps=args.ttt_steps,
+        draft_vocab=args.draft_vocab, dtype=args.dtype, save_every=args.save_every, eval_every=args.eval_every,
+        max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate,
+    )
+    if cfg.lr <= 0:
+        raise FeatspecError(f"--lr must be > 0, got {cfg.lr}")
+    train(cfg, resume=args.resume, command="featspec " + " ".join(sys.argv[1:]))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from featspec.formats import export_head
+
+    info = export_head(args.head, args.format, Path(args.out))
+    print(f"exported {info['kind']} head ({info['tensors']} tensors) for {info['format']} to {info['out']}; reload check passed")
+    return 0
+
+
+def _draft_options(args):
+    from featspec.drafters import DraftOptions
+
+    return DraftOptions(draft_model=args.draft_model, draft_length=args.draft_length, head=args.head, depth=args.depth,
+                        topk=args.topk, total_tokens=args.total_tokens, budget=args.budget)
 
 
 def _sampling(args):
@@ -105,7 +177,7 @@ def cmd_generate(args) -> int:
     if not has_chat_template(tok):
         print(f"featspec: {args.target} has no chat template; using the prompt as plain text", file=sys.stderr)
     ids = encode_messages(tok, [{"role": "user", "content": prompt}])
-    drafter = build_drafter(args.method, lm, draft_model=args.draft_model, draft_length=args.draft_length)
+    drafter = build_drafter(args.method, lm, _draft_options(args))
     gen = SpeculativeGenerator(TargetModel(lm.model), drafter, eos_token_ids(lm.model, tok), tok)
     if len(ids) >= gen.target.max_length:
         raise FeatspecError(f"prompt has {len(ids)} tokens but the context window is {gen.target.max_length}: shorten the prompt")
@@ -165,7 +237,7 @@ def cmd_bench(args) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     report = run_bench(
         lm, samples, methods, args.max_new_tokens, sampling, seed=args.seed,
-        draft_model=args.draft_model, draft_length=args.draft_length, warmup=args.warmup,
+        opts=_draft_options(args), warmup=args.warmup,
         config_extra={"dataset": args.dataset, "limit": args.limit, "started": started,
                       "command": "featspec " + " ".join(sys.argv[1:])},
     )
@@ -191,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "export":
+            return cmd_export(args)
     except FeatspecError as exc:
         print(f"featspec: error: {exc}", file=sys.stderr)
         return 2

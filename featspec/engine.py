@@ -23,6 +23,7 @@ class StepStats:
     draft_s: float
     verify_s: float
     book_s: float  # acceptance, cache compaction, drafter update, stop checks
+    tree_depth: int = 0  # deepest draft node (0 = no draft)
 
 
 @dataclass
@@ -124,7 +125,8 @@ class SpeculativeGenerator:
             stop = self._append(result, tokens, new, max_new_tokens, stop_strings, on_token)
             t4 = _clock(device)
             result.steps.append(
-                StepStats(len(tree), len(path) - 1, len(result.new_ids) - before, t2 - t1, t3 - t2, t4 - t3)
+                StepStats(len(tree), len(path) - 1, len(result.new_ids) - before, t2 - t1, t3 - t2, t4 - t3,
+                          tree.max_depth())
             )
         result.stop_reason = stop
         result.total_s = _clock(device) - t0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featspec.drafters import build_drafter
+from featspec.drafters import DraftOptions, build_drafter
 from featspec.engine import SpeculativeGenerator, eos_token_ids
 from featspec.models import load_model
 from featspec.models.target import TargetModel
@@ -82,7 +82,7 @@ def test_real_models_greedy_exact(loaded):
         assert len(ref) >= 8, "reference stopped almost immediately: pick another prompt"
         for method in methods:
             if method == "model-deep":
-                drafter = build_drafter("model", loaded, draft_model=f"layers:{loaded.model.config.num_hidden_layers - 2}")
+                drafter = build_drafter("model", loaded, DraftOptions(draft_model=f"layers:{loaded.model.config.num_hidden_layers - 2}"))
             else:
                 drafter = build_drafter(method, loaded)
             result = SpeculativeGenerator(target, drafter, eos, loaded.tokenizer).generate(ids, N_NEW)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from featspec.drafters import DRAFT_METHODS, build_drafter
+from featspec.drafters import DRAFT_METHODS, DraftOptions, build_drafter
 from featspec.engine import GenerationResult, SpeculativeGenerator, eos_token_ids
 from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel
@@ -76,9 +76,9 @@ class HFMethod:
 class EngineMethod:
     """featspec's SpeculativeGenerator with one drafter."""
 
-    def __init__(self, name: str, lm: LoadedModel, sampling: SamplingConfig, draft_model: str | None, draft_length: int):
+    def __init__(self, name: str, lm: LoadedModel, sampling: SamplingConfig, opts: DraftOptions):
         self.name, self.sampling = name, sampling
-        drafter = build_drafter(name, lm, draft_model=draft_model, draft_length=draft_length)
+        drafter = build_drafter(name, lm, opts)
         self.generator = SpeculativeGenerator(TargetModel(lm.model), drafter, eos_token_ids(lm.model, lm.tokenizer), lm.tokenizer)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunRecord:
@@ -86,7 +86,7 @@ class EngineMethod:
         return RunRecord(res.new_ids, res.total_s, res)
 
 
-def build_method(name: str, lm: LoadedModel, sampling: SamplingConfig, draft_model: str | None = None, draft_length: int = 4):
+def build_method(name: str, lm: LoadedModel, sampling: SamplingConfig, opts: DraftOptions | None = None):
     if name in HF_METHODS:
         return HFMethod(name, lm, sampling)
-    return EngineMethod(name, lm, sampling, draft_model, draft_length)
+    return EngineMethod(name, lm, sampling, opts or DraftOptions())

@@ -14,13 +14,14 @@ def _fmt(value, spec: str) -> str:
 
 def markdown_table(report: dict) -> str:
     rows = [
-        "| method | tokens/s | speedup vs hf | tau | exact match | new tokens | mean tree |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | tokens/s | speedup vs hf | tau | exact match | new tokens | mean tree | accept by depth |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, m in report["methods"].items():
         rows.append(
             f"| {name} | {m['tokens_per_s']:.1f} | {_fmt(m['speedup'], '.2f')} | {_fmt(m['tau'], '.2f')} | "
-            f"{_fmt(m['exact_match'], '.2f')} | {m['new_tokens']} | {_fmt(m['mean_tree_size'], '.1f')} |"
+            f"{_fmt(m['exact_match'], '.2f')} | {m['new_tokens']} | {_fmt(m['mean_tree_size'], '.1f')} | "
+            f"{' '.join(format(a, '.2f') for a in (m.get('accept_by_depth') or [])[:8]) or '-'} |"
         )
     return "\n".join(rows)
 
@@ -45,7 +46,7 @@ def write_plot(report: dict, path: str | Path) -> None:
     tps = [report["methods"][n]["tokens_per_s"] for n in names]
     tau = [report["methods"][n]["tau"] or 0.0 for n in names]
     cfg = report["config"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].bar(names, tps, color="tab:blue")
     axes[0].set_ylabel("tokens / s")
     axes[0].set_title("throughput (same run, interleaved)")
@@ -56,9 +57,19 @@ def write_plot(report: dict, path: str | Path) -> None:
     axes[1].bar(names, tau, color="tab:orange")
     axes[1].set_ylabel("tau (tokens / verify forward)")
     axes[1].set_title("acceptance")
+    depth_methods = [n for n in names if report["methods"][n].get("accept_by_depth")]
+    for n in depth_methods:
+        rates = report["methods"][n]["accept_by_depth"]
+        axes[2].plot(range(1, len(rates) + 1), rates, marker="o", label=n)
+    axes[2].set_xlabel("tree depth")
+    axes[2].set_ylabel("acceptance rate (n-alpha)")
+    axes[2].set_title("acceptance by depth")
+    axes[2].set_ylim(0, 1)
+    if depth_methods:
+        axes[2].legend(fontsize=7)
     fig.suptitle(f"{cfg['target']} {cfg['dtype']} on {cfg['device']}, max_new_tokens={cfg['max_new_tokens']}, "
                  f"T={cfg['temperature']}", fontsize=9)
-    for ax in axes:
+    for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

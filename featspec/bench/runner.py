@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from featspec.bench.datasets import Sample
 from featspec.bench.methods import RunRecord, build_method
+from featspec.drafters import DraftOptions
 from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel
 from featspec.prompts import encode_messages, encode_text, has_chat_template
@@ -31,6 +32,7 @@ class MethodTotals:
     steps: int = 0
     tree_nodes: int = 0
     accepted_hist: Counter = field(default_factory=Counter)
+    reached: Counter = field(default_factory=Counter)  # depth d -> steps whose tree reached d with depth d-1 accepted
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -48,6 +50,8 @@ class MethodTotals:
             self.committed += s.committed
             self.tree_nodes += s.tree_size
             self.accepted_hist[s.accepted] += 1
+            for d in range(1, min(s.accepted + 1, s.tree_depth) + 1):
+                self.reached[d] += 1
             self.draft_s += s.draft_s
             self.verify_s += s.verify_s
             self.book_s += s.book_s
@@ -66,15 +70,15 @@ def run_bench(
     max_new_tokens: int,
     sampling: SamplingConfig,
     seed: int = 0,
-    draft_model: str | None = None,
-    draft_length: int = 4,
+    opts: DraftOptions | None = None,
     warmup: int = 1,
     config_extra: dict | None = None,
 ) -> dict:
     """Run the benchmark and return the JSON-ready report."""
     if not samples:
         raise FeatspecError("the dataset selection is empty: raise --limit or pick another dataset")
-    runners = {m: build_method(m, lm, sampling, draft_model, draft_length) for m in methods}
+    opts = opts or DraftOptions()
+    runners = {m: build_method(m, lm, sampling, opts) for m in methods}
     totals = {m: MethodTotals() for m in methods}
 
     warm_ids = prompt_ids_for(lm, samples[0], [{"role": "user", "content": samples[0].turns[0]}])
@@ -99,10 +103,10 @@ def run_bench(
             bar.update(1)
             bar.set_postfix_str(f"{m} {totals[m].new_tokens / max(totals[m].seconds, 1e-9):.1f} tok/s")
     bar.close()
-    return make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, draft_model, draft_length, config_extra)
+    return make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, opts, config_extra)
 
 
-def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, draft_model, draft_length, extra) -> dict:
+def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, opts: DraftOptions, extra) -> dict:
     base = totals.get("hf")
     base_tps = base.new_tokens / base.seconds if base and base.seconds > 0 else None
     report_methods = {}
@@ -114,6 +118,12 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, dr
         if base is not None and sampling.greedy:
             exact = sum(a == b for a, b in zip(t.outputs, base.outputs)) / len(samples)
         hist = {str(k): v for k, v in sorted(t.accepted_hist.items())}
+        accepted_at = Counter()
+        for k, v in t.accepted_hist.items():
+            for d in range(1, k + 1):
+                accepted_at[d] += v
+        # n-alpha: P(depth d accepted | depth d-1 accepted and the tree had a node at depth d)
+        by_depth = [accepted_at[d] / t.reached[d] for d in sorted(t.reached) if t.reached[d]]
         report_methods[m] = {
             "tokens_per_s": tps,
             "speedup": tps / base_tps if base_tps else None,
@@ -125,6 +135,7 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, dr
             "verify_forwards": t.steps if t.steps else None,
             "mean_tree_size": (t.tree_nodes / t.steps) if t.steps else None,
             "accepted_length_hist": hist if drafts else None,
+            "accept_by_depth": by_depth if drafts else None,
             "time_breakdown_s": None if t.steps == 0 else {
                 "prefill": t.prefill_s, "draft": t.draft_s, "verify": t.verify_s, "bookkeeping": t.book_s,
             },
@@ -139,8 +150,7 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, dr
         "top_p": sampling.top_p,
         "seed": seed,
         "methods": methods,
-        "draft_model": draft_model,
-        "draft_length": draft_length,
+        "draft_options": asdict(opts),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

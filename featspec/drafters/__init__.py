@@ -1,6 +1,9 @@
-"""Drafter registry: build a drafter by method name."""
+"""Drafter registry: build a drafter by method name from one options object."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 from featspec.drafters.base import DraftContext, Drafter, NoDraft
 from featspec.drafters.ngram import NgramDrafter
@@ -8,7 +11,22 @@ from featspec.drafters.small_model import ModelDrafter, truncated_self_draft
 from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel, load_model
 
-DRAFT_METHODS = ("vanilla", "ngram", "model")
+DRAFT_METHODS = ("vanilla", "ngram", "model", "eagle1", "eagle2", "eagle3")
+HEAD_KIND = {"eagle1": "eagle1", "eagle2": "eagle1", "eagle3": "eagle3"}  # method -> head it drafts with
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "assets" / "heads"
+
+
+@dataclass
+class DraftOptions:
+    """Knobs of every drafter; each drafter reads the ones it needs."""
+
+    draft_model: str | None = None  # method model: a model spec or layers:N
+    draft_length: int = 4  # method model: chain length
+    head: str | None = None  # eagle*: head directory or hub id (default: the head shipped for the target)
+    depth: int = 6  # eagle2/eagle3 dynamic tree depth
+    topk: int = 8  # eagle2/eagle3 children per expanded node and nodes expanded per level
+    total_tokens: int = 48  # eagle2/eagle3 draft nodes kept per step (the verify budget)
+    budget: str = "fixed"  # fixed | auto (per-step budget from confidence and the measured cost curve)
 
 
 def default_self_draft_layers(target: LoadedModel) -> int:
@@ -32,14 +50,53 @@ def load_draft_model(spec: str | None, target: LoadedModel):
     return draft.model
 
 
-def build_drafter(method: str, target: LoadedModel, draft_model: str | None = None, draft_length: int = 4) -> Drafter:
+def shipped_head(target_spec: str, kind: str) -> Path:
+    path = SHIPPED_HEADS / target_spec / kind
+    if not (path / "config.json").exists():
+        raise FeatspecError(f"no {kind} head ships for '{target_spec}': pass --head DIR "
+                            f"(train one with `featspec train --method {kind} --target {target_spec} --out DIR`)")
+    return path
+
+
+def load_feature_head(method: str, target: LoadedModel, head_spec: str | None):
+    """The head for an eagle* method, validated against the target and bound to it."""
+    from featspec.formats import load_head, validate_against
+
+    kind = HEAD_KIND[method]
+    spec = head_spec or str(shipped_head(target.spec, kind))
+    head = load_head(spec, device=target.device, dtype=target.dtype)
+    if head.kind != kind:
+        raise FeatspecError(f"method {method} drafts with an {kind} head but {spec} holds an {head.kind} head")
+    validate_against(head, target.model.config.get_text_config(), target.spec)
+    return head.bind(target.model)
+
+
+def build_drafter(method: str, target: LoadedModel, opts: DraftOptions | None = None) -> Drafter:
+    opts = opts or DraftOptions()
     if method == "vanilla":
         return NoDraft()
     if method == "ngram":
         return NgramDrafter()
     if method == "model":
-        return ModelDrafter(load_draft_model(draft_model, target), draft_length=draft_length)
+        return ModelDrafter(load_draft_model(opts.draft_model, target), draft_length=opts.draft_length)
+    if method in HEAD_KIND:
+        from featspec.drafters.eagle import DEFAULT_STATIC_TREE, FeatureDrafter
+
+        head = load_feature_head(method, target, opts.head)
+        if method == "eagle1":
+            return FeatureDrafter(head, method, static_tree=DEFAULT_STATIC_TREE)
+        budget = None
+        if opts.budget == "auto":
+            from featspec.budget import Budget, measure_cost_curve
+            from featspec.models.target import TargetModel
+
+            budget = Budget(measure_cost_curve(TargetModel(target.model)))
+        elif opts.budget != "fixed":
+            raise FeatspecError(f"unknown budget '{opts.budget}': use fixed or auto")
+        return FeatureDrafter(head, method, depth=opts.depth, topk=opts.topk, total_tokens=opts.total_tokens,
+                              budget=budget)
     raise FeatspecError(f"unknown method '{method}': use one of {', '.join(DRAFT_METHODS)}")
 
 
-__all__ = ["DraftContext", "Drafter", "NoDraft", "NgramDrafter", "ModelDrafter", "build_drafter", "DRAFT_METHODS"]
+__all__ = ["DraftContext", "Drafter", "DraftOptions", "NoDraft", "NgramDrafter", "ModelDrafter", "build_drafter",
+           "DRAFT_METHODS"]

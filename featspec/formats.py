@@ -1,0 +1,239 @@
+"""Draft-head checkpoint layouts: save, load, validate, export.
+
+EAGLE-3: the layout vLLM and SGLang load (`LlamaForCausalLMEagle3`): config.json with
+num_hidden_layers 1, draft_vocab_size, target_hidden_size when it differs; tensors `fc.weight`,
+`midlayer.*`, `norm.weight`, `lm_head.weight`, `d2t` (int64), `t2d` (bool); no embed_tokens.
+EAGLE-1: the official EAGLE-1 layout: a LlamaConfig with one layer; tensors `fc.weight`, `fc.bias`,
+`layers.0.*` (no input_layernorm); weights as model.safetensors (pytorch_model.bin also read).
+featspec's own extras live under the config key "featspec" (fusion layers, target layer count) and
+are optional when loading third-party heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from featspec.errors import FeatspecError
+from featspec.heads.base import DraftHead
+from featspec.heads.eagle1 import Eagle1Head
+from featspec.heads.eagle3 import Eagle3Head, default_layer_ids
+from featspec.heads.layers import HeadConfig
+
+EAGLE3_ARCH = "LlamaForCausalLMEagle3"
+STRIP_PREFIXES = ("model.", "module.", "draft_model.", "eagle.")
+
+
+def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | None = None) -> dict:
+    c = head.cfg
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "num_hidden_layers": 1,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "hidden_act": "silu",
+        "max_position_embeddings": 8192,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "bias": isinstance(head, Eagle1Head),
+    }
+    fs = {"kind": head.kind, "target_num_layers": c.target_num_layers}
+    if isinstance(head, Eagle3Head):
+        cfg["architectures"] = [EAGLE3_ARCH]
+        cfg["draft_vocab_size"] = c.draft_vocab_size
+        if c.target_hidden_size and c.target_hidden_size != c.hidden_size:
+            cfg["target_hidden_size"] = c.target_hidden_size
+        fs["layer_ids"] = list(head.layer_ids)
+        if tuple(head.layer_ids) != default_layer_ids(c.target_num_layers):
+            # engines read explicit ids as layer indices, not hidden_states indices: shift by one
+            cfg["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in head.layer_ids]
+    else:
+        cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["featspec"] = {**fs, **(extra or {})}
+    return cfg
+
+
+def _atomic_dir_write(out: Path, write) -> None:
+    """Write into a temp dir beside `out`, then swap it in: a killed save never leaves half a head."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def head_tensors(head: DraftHead, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in head.state_dict().items():
+        v = v.detach().cpu()
+        out[k] = v.to(dtype) if v.is_floating_point() else v.clone()
+    return out
+
+
+def save_head(head: DraftHead, out: Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None,
+              card: str | None = None) -> None:
+    """Save `head` in its engine layout (EAGLE-3: vLLM/SGLang; EAGLE-1: official EAGLE)."""
+    tensors = head_tensors(head, dtype)
+    cfg = head_config_json(head, str(dtype).replace("torch.", ""), extra)
+
+    def write(d: Path) -> None:
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if card:
+            (d / "README.md").write_text(card)
+
+    _atomic_dir_write(Path(out), write)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").exists():
+        tensors = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").exists():
+        tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FeatspecError(f"{path} has no model.safetensors or pytorch_model.bin: point --head at a head directory")
+    clean = {}
+    for k, v in tensors.items():
+        for p in STRIP_PREFIXES:
+            if k.startswith(p) and not k.startswith("midlayer"):
+                k = k[len(p):]
+        clean[k] = v
+    clean.pop("embed_tokens.weight", None)  # shared with the target
+    return clean
+
+
+def resolve_head_dir(spec: str) -> Path:
+    """A local head directory, or a hub id fetched with huggingface_hub (needs a network)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts) and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+        except Exception as exc:  # noqa: BLE001 - any hub failure is the same advice to the user
+            raise FeatspecError(f"could not fetch head '{spec}' ({type(exc).__name__}): check the id and the network, "
+                                "or pass a local directory") from None
+    raise FeatspecError(f"head '{spec}' not found: pass a head directory (config.json + model.safetensors) or a hub id")
+
+
+def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DraftHead:
+    """Load an EAGLE-1 or EAGLE-3 head from a directory or hub id; checks keys and shapes."""
+    path = resolve_head_dir(str(spec))
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FeatspecError(f"{path}/config.json is missing or unreadable ({exc}): not a head directory") from None
+    tensors = _read_tensors(path)
+    fs = cfg.get("featspec") or {}
+    is3 = EAGLE3_ARCH in (cfg.get("architectures") or []) or "midlayer.self_attn.q_proj.weight" in tensors
+    hidden = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    if is3:
+        th = cfg.get("target_hidden_size") or hidden
+        n_fused = tensors["fc.weight"].shape[1] // th if "fc.weight" in tensors else 3
+    hc = HeadConfig(
+        hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
+        vocab_size=cfg["vocab_size"],
+        draft_vocab_size=int(cfg.get("draft_vocab_size") or (cfg["vocab_size"] if is3 else 0)),
+        target_hidden_size=int(cfg.get("target_hidden_size") or hidden),
+        target_num_layers=int(fs.get("target_num_layers") or 0),
+    )
+    if is3:
+        ids = fs.get("layer_ids")
+        if ids is None and cfg.get("eagle_aux_hidden_state_layer_ids"):
+            ids = [i + 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
+        if ids is not None and len(ids) != n_fused:
+            raise FeatspecError(f"{path}: fc reads {n_fused} layers but the config lists {len(ids)} layer ids")
+        head: DraftHead = Eagle3Head(hc, tuple(ids) if ids else None) if (ids or hc.target_num_layers) else None
+        if head is None:  # layer count unknown until validated against a target: keep shapes, fix ids later
+            hc.target_num_layers = 6
+            head = Eagle3Head(hc)
+            head._layer_ids = ()
+        if "d2t" not in tensors or "t2d" not in tensors:
+            raise FeatspecError(f"{path} lacks d2t/t2d: not a complete EAGLE-3 head (re-export it)")
+    else:
+        head = Eagle1Head(hc)
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise FeatspecError(f"{path}: head tensors do not match the {head.kind} layout (missing {missing[:4]}, "
+                            f"unexpected {extra[:4]})")
+    for k, v in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise FeatspecError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+    head.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()})
+    head._source = str(path)
+    return head.to(device=device, dtype=dtype) if dtype is not None else head.to(device)
+
+
+def validate_against(head: DraftHead, target_cfg, spec: str = "target") -> None:
+    """One-line error when the head was built for a different target; fills in unknown fusion layers."""
+    c = head.cfg
+    th = c.target_hidden_size or c.hidden_size
+    if th != target_cfg.hidden_size:
+        raise FeatspecError(f"head expects target hidden size {th} but {spec} has {target_cfg.hidden_size}: "
+                            "use a head trained for this target")
+    if c.vocab_size != target_cfg.vocab_size:
+        raise FeatspecError(f"head expects vocabulary {c.vocab_size} but {spec} has {target_cfg.vocab_size}: "
+                            "use a head trained for this target")
+    layers = target_cfg.num_hidden_layers
+    if c.target_num_layers and c.target_num_layers != layers:
+        raise FeatspecError(f"head was trained on a target with {c.target_num_layers} layers but {spec} has {layers}: "
+                            "use a head trained for this target")
+    c.target_num_layers = layers
+    if isinstance(head, Eagle3Head):
+        if not head.layer_ids:
+            head._layer_ids = default_layer_ids(layers)
+        if max(head.layer_ids) > layers:
+            raise FeatspecError(f"head reads hidden state {max(head.layer_ids)} but {spec} has only {layers} layers")
+        if int(head.t2d.sum()) != c.draft_vocab_size or int(head.draft_ids.max()) >= c.vocab_size:
+            raise FeatspecError("head's d2t/t2d are inconsistent with its draft vocabulary: re-export the head")
+
+
+def export_head(src: str, fmt: str, out: Path) -> dict:
+    """Write a checked copy of a head for vLLM or SGLang; returns a summary."""
+    if fmt not in ("vllm", "sglang"):
+        raise FeatspecError(f"unknown format '{fmt}': use vllm or sglang")
+    head = load_head(src, dtype=None)
+    cfg_src = json.loads((resolve_head_dir(src) / "config.json").read_text())
+    dtype = head.fc.weight.dtype
+    save_head(head, out, dtype=dtype, extra={k: v for k, v in (cfg_src.get("featspec") or {}).items()
+                                            if k not in ("kind", "target_num_layers", "layer_ids")})
+    reloaded = load_head(out, dtype=None)
+    for (k, a), (_, b) in zip(head.state_dict().items(), reloaded.state_dict().items()):
+        if not torch.equal(a, b):
+            raise FeatspecError(f"export check failed: tensor {k} changed on reload")
+    return {"kind": head.kind, "format": fmt, "tensors": len(head.state_dict()), "out": str(out)}

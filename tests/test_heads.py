@@ -1,0 +1,182 @@
+"""EAGLE-1 / EAGLE-3 heads on tiny configs: shapes, vocabulary mapping, TTT == drafting, checkpoint layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featspec.errors import FeatspecError
+from featspec.formats import export_head, load_head, save_head, validate_against
+from featspec.heads.eagle1 import Eagle1Head
+from featspec.heads.eagle3 import Eagle3Head, default_layer_ids
+from featspec.heads.layers import HeadConfig
+
+from conftest import build_model, gemma3_config, llama_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EAGLE3_KEYS = {
+    "fc.weight", "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight", "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight", "midlayer.input_layernorm.weight",
+    "midlayer.hidden_norm.weight", "midlayer.post_attention_layernorm.weight", "norm.weight", "lm_head.weight",
+    "d2t", "t2d",
+}
+EAGLE1_KEYS = {
+    "fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+    "layers.0.self_attn.v_proj.weight", "layers.0.self_attn.o_proj.weight", "layers.0.mlp.gate_proj.weight",
+    "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight", "layers.0.post_attention_layernorm.weight",
+}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return build_model(llama_config(layers=6), seed=0)
+
+
+def make_eagle3(target, draft_vocab: int = 40, seed: int = 0) -> Eagle3Head:
+    torch.manual_seed(seed)
+    head = Eagle3Head(HeadConfig.from_target(target.config, draft_vocab_size=draft_vocab))
+    head.set_vocab(torch.randperm(target.config.vocab_size)[:draft_vocab].sort().values)
+    return head.bind(target).eval()
+
+
+def make_eagle1(target, seed: int = 0) -> Eagle1Head:
+    torch.manual_seed(seed)
+    return Eagle1Head(HeadConfig.from_target(target.config)).bind(target).eval()
+
+
+def test_eagle3_shapes_and_layout(target):
+    head = make_eagle3(target)
+    c = target.config
+    assert set(head.state_dict()) == EAGLE3_KEYS
+    assert head.fc.weight.shape == (c.hidden_size, 3 * c.hidden_size)
+    assert head.midlayer.self_attn.q_proj.weight.shape[1] == 2 * c.hidden_size
+    assert head.lm_head.weight.shape == (40, c.hidden_size)
+    assert head.layer_ids == default_layer_ids(6) == (2, 3, 3)
+    hs = [torch.randn(2, 5, c.hidden_size) for _ in head.layer_ids]
+    feats = head.fuse(hs)
+    out = head(feats, torch.randint(0, c.vocab_size, (2, 5)), torch.arange(5)[None].expand(2, 5))
+    assert out.shape == (2, 5, c.hidden_size)
+    assert head.logits(out).shape == (2, 5, 40)
+    assert head.d2t.dtype == torch.int64 and head.t2d.dtype == torch.bool
+
+
+def test_eagle1_shapes_and_layout(target):
+    head = make_eagle1(target)
+    c = target.config
+    assert set(head.state_dict()) == EAGLE1_KEYS
+    assert head.fc.weight.shape == (c.hidden_size, 2 * c.hidden_size)
+    feats = head.fuse([torch.randn(1, 4, c.hidden_size)])
+    out = head(feats, torch.randint(0, c.vocab_size, (1, 4)), torch.arange(4)[None])
+    assert out.shape == (1, 4, c.hidden_size)
+    assert head.logits(out).shape == (1, 4, c.vocab_size)  # the target's own LM head
+
+
+def test_draft_vocab_mapping_roundtrip(target):
+    head = make_eagle3(target, draft_vocab=30, seed=3)
+    draft = torch.arange(30)
+    target_ids = head.to_target_ids(draft)
+    assert torch.equal(draft + head.d2t, target_ids)
+    assert int(head.t2d.sum()) == 30 and bool(head.t2d[target_ids].all())
+    assert torch.equal(head.t2d.nonzero().flatten(), target_ids.sort().values)
+    with pytest.raises(ValueError):
+        head.set_vocab(torch.zeros(30, dtype=torch.long))  # duplicates
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_training_time_test_equals_drafting(target, kind):
+    """Step j of the TTT forward at index t == drafting j tokens past real features ending at t - j."""
+    head = make_eagle3(target) if kind == "eagle3" else make_eagle1(target)
+    c = target.config
+    t_len, steps = 9, 4
+    g = torch.Generator().manual_seed(1)
+    hidden = [torch.randn(1, t_len, c.hidden_size, generator=g) for _ in head.layer_ids]
+    tokens = torch.randint(0, c.vocab_size, (1, t_len), generator=g)
+    pos = torch.arange(t_len)[None]
+    with torch.no_grad():
+        real = head.fuse(hidden)
+        past, feats, outs = [], real, []
+        for _ in range(steps):
+            out = head(feats, tokens, pos, ttt_past=past)
+            outs.append(out)
+            feats = torch.nn.functional.pad(out[:, :-1], (0, 0, 1, 0))
+        for j in range(steps):
+            for t in range(j, t_len):
+                cache = head.new_cache()
+                o = head(real[:, : t - j + 1], tokens[:, : t - j + 1], pos[:, : t - j + 1], cache)[:, -1:]
+                for i in range(1, j + 1):
+                    p = t - j + i
+                    o = head(o, tokens[:, p : p + 1], pos[:, p : p + 1], cache)
+                torch.testing.assert_close(outs[j][:, t], o[:, -1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_save_load_roundtrip(tmp_path, target, kind):
+    head = make_eagle3(target) if kind == "eagle3" else make_eagle1(target)
+    save_head(head, tmp_path / "h", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1
+    if kind == "eagle3":
+        assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 40
+        assert "eagle_aux_hidden_state_layer_ids" not in cfg  # default layers: left out on purpose
+    loaded = load_head(tmp_path / "h")
+    assert loaded.kind == kind
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert not list((tmp_path).glob(".h-*"))  # no temp dir left behind
+
+
+def test_export_vllm_reloads_identically(tmp_path, target):
+    head = make_eagle3(target)
+    save_head(head, tmp_path / "src")
+    # a third-party checkpoint with a stray prefix and the shared embedding inside
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "src" / "model.safetensors"))
+    tensors = {("model." + k if k.startswith("fc") else k): v for k, v in tensors.items()}
+    tensors["embed_tokens.weight"] = torch.zeros(target.config.vocab_size, target.config.hidden_size)
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    info = export_head(str(tmp_path / "src"), "vllm", tmp_path / "out")
+    assert info["kind"] == "eagle3"
+    from safetensors.torch import load_file as lf
+
+    out = lf(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == EAGLE3_KEYS
+    a, b = load_head(tmp_path / "src"), load_head(tmp_path / "out")
+    for k in a.state_dict():
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k])
+
+
+def test_validation_names_both_numbers(tmp_path, target):
+    head = make_eagle3(target)
+    other = gemma3_config(hidden=32)
+    with pytest.raises(FeatspecError, match="48.*32"):
+        validate_against(head, other)
+    bigger_vocab = llama_config(layers=6, vocab=128)
+    with pytest.raises(FeatspecError, match="96.*128"):
+        validate_against(head, bigger_vocab)
+    more_layers = llama_config(layers=8)
+    with pytest.raises(FeatspecError, match="6 layers.*8"):
+        validate_against(head, more_layers)
+    validate_against(head, target.config)  # the right target passes
+
+
+def test_load_errors_are_one_line(tmp_path, target):
+    with pytest.raises(FeatspecError, match="not found"):
+        load_head(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FeatspecError, match="no model.safetensors"):
+        load_head(tmp_path / "empty")
+    head = make_eagle3(target)
+    save_head(head, tmp_path / "h")
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(tmp_path / "h" / "model.safetensors"))
+    t["norm.weight"] = t["norm.weight"][:10].contiguous()
+    save_file(t, str(tmp_path / "h" / "model.safetensors"))
+    with pytest.raises(FeatspecError, match="shape"):
+        load_head(tmp_path / "h")
