@@ -17,8 +17,11 @@ from featspec.heads.layers import MLP, Attention, HeadConfig, KVCache, RMSNorm
 
 
 def default_layer_ids(num_layers: int) -> tuple[int, int, int]:
-    """HF hidden_states indices of the inputs of layers 2, L//2 and L-3 (low, middle, high)."""
-    return (2, num_layers // 2, num_layers - 3)
+    """HF hidden_states indices of the inputs of layers 2, L//2 and L-3 (low, middle, high).
+
+    Clamped to [1, L] so that tiny test models with fewer than 6 layers still get valid indices.
+    """
+    return tuple(min(num_layers, max(1, i)) for i in (2, num_layers // 2, num_layers - 3))
 
 
 class Eagle3Layer(nn.Module):

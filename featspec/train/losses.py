@@ -82,7 +82,7 @@ def eagle1_loss(head: DraftHead, tb: TargetBatch, noise: float, generator: torch
     logits = head.logits(out)
     ce = (soft_ce(logits, p) * w).sum() / denom
     acc = ((logits.argmax(-1) == p.argmax(-1)).float() * w).sum() / denom
-    return reg + 0.1 * ce, {"loss_reg": float(reg), "loss_ce": float(ce), "acc_0": float(acc)}
+    return reg + 0.1 * ce, {"loss_reg": float(reg.detach()), "loss_ce": float(ce.detach()), "acc_0": float(acc)}
 
 
 def eagle3_loss(head: DraftHead, tb: TargetBatch, ttt_steps: int, lm_head: torch.nn.Module,
@@ -113,6 +113,6 @@ def eagle3_loss(head: DraftHead, tb: TargetBatch, ttt_steps: int, lm_head: torch
         total = total + (decay**j) * ce
         with torch.no_grad():
             stats[f"acc_{j}"] = float(((logits.argmax(-1) == best).float() * w).sum() / denom)
-            stats[f"loss_{j}"] = float(ce)
+            stats[f"loss_{j}"] = float(ce.detach())
         feats = F.pad(out[:, :-1], (0, 0, 1, 0))  # step j+1 at index t reads step j's output at t-1
     return total, stats

@@ -181,6 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     examples = load_sharegpt(tok, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
     heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
     eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
+    torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
     head = build_head(cfg, tcfg, examples, eos).bind(target).to(device)
     head.train()
 
