@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--prompt", help="user message (rendered with the tokenizer's chat template when it has one)")
     g.add_argument("--prompt-file", help="read the user message from this file")
-    g.add_argument("--method", default="ngram", help=f"drafter: {', '.join(DRAFT_METHODS)} (default ngram)")
+    g.add_argument("--method", default=None,
+                   help=f"drafter: {', '.join(DRAFT_METHODS)} (default eagle3 when featspec ships a head for the "
+                        "target, else ngram)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--compare", action="store_true",
                    help="also run HF generate on the same prompt and print a one-line speed comparison")
@@ -154,12 +156,14 @@ def _sampling(args):
 
 def cmd_generate(args) -> int:
     from featspec.bench.methods import HFMethod
-    from featspec.drafters import DRAFT_METHODS, build_drafter
+    from featspec.drafters import DRAFT_METHODS, SHIPPED_HEADS, build_drafter
     from featspec.engine import SpeculativeGenerator, eos_token_ids
     from featspec.models import TargetModel, load_model
     from featspec.prompts import encode_messages, has_chat_template
 
     sampling = _sampling(args)
+    if args.method is None:
+        args.method = "eagle3" if (SHIPPED_HEADS / args.target / "eagle3" / "config.json").exists() else "ngram"
     if args.method not in DRAFT_METHODS:
         raise FeatspecError(f"unknown method '{args.method}': use one of {', '.join(DRAFT_METHODS)}")
     if args.prompt_file:

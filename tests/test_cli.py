@@ -49,6 +49,12 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         (["bench", "--limit", "0"], ["--limit"]),
         (["bench", "--dtype", "int3"], ["--dtype"]),
         (["frobnicate"], ["invalid choice"]),
+        (["generate", "--prompt", "hi", "--method", "eagle3", "--head", "/nonexistent/head"], ["not found", "head directory"]),
+        (["export", "--head", "/nonexistent/head", "--format", "vllm", "--out", "/tmp/x"], ["not found"]),
+        (["export", "--head", "/tmp", "--format", "onnx", "--out", "/tmp/x"], ["invalid choice"]),
+        (["train", "--out", "/nonexistent/run", "--resume"], ["no checkpoint", "without --resume"]),
+        (["train", "--out", "/tmp/x", "--method", "medusa"], ["invalid choice"]),
+        (["bench", "--methods", "hf,eagle3", "--budget", "sometimes"], ["invalid choice"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, needles):
@@ -124,3 +130,20 @@ def test_bench_writes_report_from_local_dir(tiny_local_model, tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "| ngram |" in out.with_suffix(".md").read_text()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_head_for_another_target_names_both_sizes(tmp_path, capsys):
+    """A head trained for a different target is refused before generation, naming both numbers."""
+    import torch
+
+    from featspec.formats import save_head
+    from featspec.heads.eagle3 import Eagle3Head
+    from featspec.heads.layers import HeadConfig
+
+    from conftest import llama_config
+
+    head = Eagle3Head(HeadConfig.from_target(llama_config(layers=6), draft_vocab_size=16))
+    head.set_vocab(torch.arange(16))
+    save_head(head, tmp_path / "head")
+    code, err = run_cli(capsys, "generate", "--prompt", "hi", "--method", "eagle3", "--head", str(tmp_path / "head"))
+    assert_one_line_error(code, err, "48", "576")
