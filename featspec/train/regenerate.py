@@ -1,0 +1,81 @@
+"""`--regenerate`: let the target answer the ShareGPT prompts itself, so a head learns the target's
+own text (where the target is confident, as it is when it generates) rather than another model's.
+
+The first user turn of each conversation is answered greedily in length-sorted batches with left
+padding. Answers are appended to a JSONL file per batch, so an interrupted run resumes where it
+stopped; the file is keyed by target, length limits and conversation ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from featspec.models.registry import cache_root
+
+
+def regenerated_path(target_spec: str, ids: list[str], max_new_tokens: int) -> Path:
+    key = hashlib.sha1(json.dumps([target_spec, max_new_tokens, ids]).encode()).hexdigest()[:12]
+    safe = target_spec.replace("/", "--")
+    return cache_root() / "regenerated" / f"{safe}-{key}.jsonl"
+
+
+def _done(path: Path) -> dict[str, list[dict[str, str]]]:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: regenerate that conversation again
+            out[row["id"]] = row["messages"]
+    return out
+
+
+@torch.inference_mode()
+def regenerate(lm, convs: list[tuple[str, str]], max_new_tokens: int = 320, batch_size: int = 24,
+               max_prompt_tokens: int = 512) -> list[tuple[str, list[dict[str, str]]]]:
+    """(conversation id, first user turn) -> (id, [user, target's greedy answer]), cached on disk."""
+    from featspec.engine import eos_token_ids
+    from featspec.prompts import encode_messages
+
+    tok, model = lm.tokenizer, lm.model
+    path = regenerated_path(lm.spec, [c for c, _ in convs], max_new_tokens)
+    done = _done(path)
+    todo = []
+    for cid, text in convs:
+        if cid in done:
+            continue
+        ids = encode_messages(tok, [{"role": "user", "content": text}])
+        if len(ids) <= max_prompt_tokens:
+            todo.append((cid, text, ids))
+    todo.sort(key=lambda r: len(r[2]))
+    eos = eos_token_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc="regenerate answers", unit="conv", dynamic_ncols=True)
+    with path.open("a") as fh:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            width = max(len(r[2]) for r in chunk)
+            x = torch.full((len(chunk), width), pad, dtype=torch.long)
+            att = torch.zeros_like(x)
+            for j, (_, _, ids) in enumerate(chunk):
+                x[j, width - len(ids):] = torch.tensor(ids)
+                att[j, width - len(ids):] = 1
+            out = model.generate(x.to(lm.device), attention_mask=att.to(lm.device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos or None, pad_token_id=pad)
+            for j, (cid, text, _) in enumerate(chunk):
+                answer = tok.decode(out[j, width:], skip_special_tokens=True).strip()
+                if answer:
+                    msgs = [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+                    fh.write(json.dumps({"id": cid, "messages": msgs}) + "\n")
+                    done[cid] = msgs
+            fh.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return [(cid, done[cid]) for cid, _ in convs if cid in done]
