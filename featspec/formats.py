@@ -65,7 +65,7 @@ def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | Non
     return cfg
 
 
-def _atomic_dir_write(out: Path, write) -> None:
+def atomic_dir_write(out: Path, write) -> None:
     """Write into a temp dir beside `out`, then swap it in: a killed save never leaves half a head."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def save_head(head: DraftHead, out: Path, dtype: torch.dtype = torch.bfloat16, e
         if card:
             (d / "README.md").write_text(card)
 
-    _atomic_dir_write(Path(out), write)
+    atomic_dir_write(Path(out), write)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Greedy exactness on the real PyPI-shipped models (SmolLM2-135M-Instruct, Gemma-3-270M), fp32.
 
-vanilla / ngram / model (self-draft) output must be token-identical to HF `generate(do_sample=False)`.
+vanilla / ngram / model (self-draft) output must be token-identical to HF `generate(do_sample=False)`,
+and so must eagle1 / eagle2 / eagle3 with the heads shipped for SmolLM2.
 The first load of each model dequantizes a GGUF (20-50 s); later loads read the cached safetensors.
 Run only these with `pytest -m real`, skip them with `-m "not real"`.
 """
@@ -74,7 +75,7 @@ def test_real_models_greedy_exact(loaded):
         assert longest > target.sliding_window  # the long prompt really crosses the window
     # the default self-draft (a quarter of the layers) is rarely right on these models; a deep one
     # (all layers but 2) is, which makes sure multi-token commits are compared too (SmolLM2 only: cheap)
-    methods = METHODS + (("model-deep",) if loaded.spec == "smollm2-135m" else ())
+    methods = METHODS + (("model-deep", "eagle1", "eagle2", "eagle3") if loaded.spec == "smollm2-135m" else ())
     taus = {m: [] for m in methods}
     for text in prompts_for(loaded):
         ids = prompt_ids(loaded, text)
@@ -98,5 +99,8 @@ def test_real_models_greedy_exact(loaded):
     # drafts do get accepted, so the equality above covers multi-token commits
     if loaded.spec == "smollm2-135m":
         assert max(taus["model-deep"]) > 1.5
+        # the shipped heads draft from real features: their drafts are accepted on real prompts
+        for method in ("eagle1", "eagle2", "eagle3"):
+            assert sum(taus[method]) / len(taus[method]) > 1.5, (method, taus[method])
     else:
         assert taus["ngram"][-1] > 2  # the repetitive long prompt is easy for prompt lookup

@@ -69,5 +69,12 @@ class DraftHead(nn.Module):
         """Map draft-vocabulary ids to target ids (identity for full-vocabulary heads)."""
         return draft_ids
 
+    @staticmethod
+    def attend(attn, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, mask, ttt_past: list | None):
+        """The layer's attention in drafting mode (cache + mask) or training-time-test mode (ttt_past)."""
+        if ttt_past is not None:
+            return attn.forward_ttt(x, positions, ttt_past)
+        return attn(x, positions, cache, mask)
+
     def new_cache(self) -> KVCache:
         return KVCache()

@@ -41,10 +41,7 @@ class Eagle1Head(DraftHead):
     def forward(self, feats, tokens, positions, cache: KVCache | None = None, mask=None, ttt_past: list | None = None):
         layer = self.layers[0]
         x = self.fc(torch.cat([self.embed(tokens).to(feats.dtype), feats], -1))
-        if ttt_past is not None:
-            x = x + layer.self_attn.forward_ttt(x, positions, ttt_past)
-        else:
-            x = x + layer.self_attn(x, positions, cache, mask)
+        x = x + self.attend(layer.self_attn, x, positions, cache, mask, ttt_past)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:

@@ -76,10 +76,7 @@ class Eagle3Head(DraftHead):
         layer = self.midlayer
         residual = layer.hidden_norm(feats)
         x = torch.cat([layer.input_layernorm(self.embed(tokens).to(feats.dtype)), residual], -1)
-        if ttt_past is not None:
-            x = residual + layer.self_attn.forward_ttt(x, positions, ttt_past)
-        else:
-            x = residual + layer.self_attn(x, positions, cache, mask)
+        x = residual + self.attend(layer.self_attn, x, positions, cache, mask, ttt_past)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from featspec.errors import FeatspecError
-from featspec.formats import save_head
+from featspec.formats import atomic_dir_write, save_head
 from featspec.heads.base import DraftHead
 from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head
@@ -98,21 +96,14 @@ def lr_lambda(warmup: int, total: int):
 
 
 def _save_checkpoint(ckpt: Path, head, optimizer, scheduler, state: dict) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps(state, indent=1))
-    old = ckpt.with_name(ckpt.name + ".old")
-    if ckpt.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    if old.exists():
-        shutil.rmtree(old)
+    """Written to a temp dir and swapped in: a kill never leaves a half-written checkpoint."""
+
+    def write(d: Path) -> None:
+        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   d / "state.pt")
+        (d / "meta.json").write_text(json.dumps(state, indent=1))
+
+    atomic_dir_write(ckpt, write)
 
 
 def _find_checkpoint(out: Path) -> Path | None:
