@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ def measure_cost_curve(target, context: int = 256, repeats: int = 5, sizes=SIZES
     if use_cache and path.exists():
         data = json.loads(path.read_text())
         return CostCurve(data["sizes"], data["seconds"])
+    print(f"featspec: measuring the verify cost curve once (cached at {path})", file=sys.stderr, flush=True)
     gen = torch.Generator().manual_seed(0)
     vocab = target.config.vocab_size
     prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()

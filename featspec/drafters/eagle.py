@@ -105,7 +105,8 @@ class FeatureDrafter:
                         self.cache, None if mask is None else mask[None, None])
         return out[0]
 
-    def _children(self, out: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    def _children(self, out: torch.Tensor, k: int) -> tuple[list, list]:
+        """Top-k draft tokens (as target ids) and their log-probabilities for each head output."""
         logp = self.head.logits(out).float().log_softmax(-1)
         top = torch.topk(logp, k, dim=-1)
         ids = self.head.to_target_ids(top.indices)
@@ -150,10 +151,7 @@ class FeatureDrafter:
             feats = torch.stack([nodes[nodes[n].parent].out if nodes[n].parent >= 0 else last for n in frontier])
             outs = self._run(feats, [nodes[n].token for n in frontier], [real + d - 1] * len(frontier), mask)
             k = self.topk
-            logp = self.head.logits(outs).float().log_softmax(-1)
-            top = torch.topk(logp, k, dim=-1)
-            child_ids = self.head.to_target_ids(top.indices).tolist()
-            child_lp = top.values.tolist()
+            child_ids, child_lp = self._children(outs, k)
             level = []
             for i, n in enumerate(frontier):
                 nodes[n].out = outs[i]
