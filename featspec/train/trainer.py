@@ -114,11 +114,20 @@ def _find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def _loss_fn(cfg: TrainConfig, head: DraftHead, tb, lm_head, step_seed: int):
-    if cfg.method == "eagle1":
-        gen = torch.Generator(device=tb.last.device).manual_seed(step_seed)
-        return eagle1_loss(head, tb, cfg.noise, gen, lm_head)
-    return eagle3_loss(head, tb, cfg.ttt_steps, lm_head)
+class HeadLoss(torch.nn.Module):
+    """The head plus its training loss as one module, so that under `accelerate launch` (DDP) every
+    parameter use goes through the wrapped forward and gradients are synchronised."""
+
+    def __init__(self, cfg: TrainConfig, head: DraftHead, lm_head: torch.nn.Module):
+        super().__init__()
+        self.cfg, self.head = cfg, head
+        self._lm_head = (lm_head,)  # the target's, frozen: kept out of this module's parameters
+
+    def forward(self, tb, step_seed: int):
+        if self.cfg.method == "eagle1":
+            gen = torch.Generator(device=tb.last.device).manual_seed(step_seed)
+            return eagle1_loss(self.head, tb, self.cfg.noise, gen, self._lm_head[0])
+        return eagle3_loss(self.head, tb, self.cfg.ttt_steps, self._lm_head[0])
 
 
 @torch.no_grad()
@@ -130,7 +139,7 @@ def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: in
         batch = {k: v.to(device) for k, v in collate(examples[i : i + cfg.batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             tb = target_batch(target, head, batch)
-            _, stats = _loss_fn(cfg, head, tb, target.get_output_embeddings(), cfg.seed)
+            _, stats = HeadLoss(cfg, head, target.get_output_embeddings())(tb, cfg.seed)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
     n = math.ceil(len(examples) / cfg.batch_size)
@@ -213,9 +222,8 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         scheduler.load_state_dict(blob["scheduler"])
         state.update(json.loads((found / "meta.json").read_text()))
         print(f"featspec: resuming {out} at step {state['step']}/{total_steps}", flush=True)
-    head, optimizer = accel.prepare(head, optimizer)
-    raw_head = accel.unwrap_model(head)
-    lm_head = target.get_output_embeddings()
+    raw_head = head
+    model, optimizer = accel.prepare(HeadLoss(cfg, head, target.get_output_embeddings()), optimizer)
 
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=stop_at, initial=state["step"], desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
@@ -229,13 +237,12 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
             break
         batch_ids = batch_order(len(examples), cfg.batch_size, epoch, cfg.seed)[index]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
-        with accel.accumulate(head), accel.autocast():
+        with accel.accumulate(model), accel.autocast():
             tb = target_batch(target, raw_head, batch)
-            loss, stats = _loss_fn(cfg, raw_head, tb, lm_head,
-                                   cfg.seed * 7919 + state["micro"])
+            loss, stats = model(tb, cfg.seed * 7919 + state["micro"])
             accel.backward(loss)
             if accel.sync_gradients:
-                accel.clip_grad_norm_(head.parameters(), 0.5)
+                accel.clip_grad_norm_(model.parameters(), 0.5)
             optimizer.step()
             optimizer.zero_grad()
         state["micro"] += 1
