@@ -176,11 +176,7 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
             ids = [i + 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
         if ids is not None and len(ids) != n_fused:
             raise FeatspecError(f"{path}: fc reads {n_fused} layers but the config lists {len(ids)} layer ids")
-        head: DraftHead = Eagle3Head(hc, tuple(ids) if ids else None) if (ids or hc.target_num_layers) else None
-        if head is None:  # layer count unknown until validated against a target: keep shapes, fix ids later
-            hc.target_num_layers = 6
-            head = Eagle3Head(hc)
-            head._layer_ids = ()
+        head: DraftHead = Eagle3Head(hc, tuple(ids) if ids else None, num_fused=n_fused)
         if "d2t" not in tensors or "t2d" not in tensors:
             raise FeatspecError(f"{path} lacks d2t/t2d: not a complete EAGLE-3 head (re-export it)")
     else:

@@ -180,3 +180,18 @@ def test_load_errors_are_one_line(tmp_path, target):
     save_file(t, str(tmp_path / "h" / "model.safetensors"))
     with pytest.raises(FeatspecError, match="shape"):
         load_head(tmp_path / "h")
+
+
+def test_third_party_eagle3_without_featspec_block(tmp_path, target):
+    """A vLLM/SGLang-style checkpoint (no featspec extras) loads; fusion layers default once validated."""
+    head = make_eagle3(target)
+    save_head(head, tmp_path / "h")
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    del cfg["featspec"]
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    loaded = load_head(tmp_path / "h")
+    assert loaded.layer_ids == ()
+    validate_against(loaded, target.config)
+    assert loaded.layer_ids == head.layer_ids
+    for k, v in head.state_dict().items():
+        assert torch.equal(v.to(loaded.state_dict()[k].dtype), loaded.state_dict()[k])

@@ -38,13 +38,18 @@ class Eagle3Layer(nn.Module):
 class Eagle3Head(DraftHead):
     kind = "eagle3"
 
-    def __init__(self, cfg: HeadConfig, layer_ids: tuple[int, ...] | None = None):
+    def __init__(self, cfg: HeadConfig, layer_ids: tuple[int, ...] | None = None, num_fused: int = 3):
+        """`layer_ids` None: the default layers of a `cfg.target_num_layers`-layer target, or, when that
+        is unknown (a third-party checkpoint), none until `formats.validate_against` sets them."""
         super().__init__(cfg)
         if cfg.draft_vocab_size < 1:
             raise ValueError("an EAGLE-3 head needs draft_vocab_size >= 1")
         h, th = cfg.hidden_size, cfg.target_hidden_size or cfg.hidden_size
-        self._layer_ids = tuple(layer_ids) if layer_ids else default_layer_ids(cfg.target_num_layers)
-        self.fc = nn.Linear(len(self._layer_ids) * th, h, bias=False)
+        if layer_ids:
+            self._layer_ids = tuple(layer_ids)
+        else:
+            self._layer_ids = default_layer_ids(cfg.target_num_layers) if cfg.target_num_layers else ()
+        self.fc = nn.Linear((len(self._layer_ids) or num_fused) * th, h, bias=False)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
