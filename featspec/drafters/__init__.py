@@ -23,9 +23,11 @@ class DraftOptions:
     draft_model: str | None = None  # method model: a model spec or layers:N
     draft_length: int = 4  # method model: chain length
     head: str | None = None  # eagle*: head directory or hub id (default: the head shipped for the target)
-    depth: int = 6  # eagle2/eagle3 dynamic tree depth
-    topk: int = 8  # eagle2/eagle3 children per expanded node and nodes expanded per level
-    total_tokens: int = 48  # eagle2/eagle3 draft nodes kept per step (the verify budget)
+    # eagle2/eagle3 dynamic tree. Small by default: on the 2-core CPU a 48-node verify costs ~2.2x a
+    # one-token step, and the shipped heads' acceptance only pays for ~8 nodes (docs/eagle.md)
+    depth: int = 4  # tree depth
+    topk: int = 4  # children per expanded node and nodes expanded per level
+    total_tokens: int = 8  # draft nodes kept per step (the verify budget; the ceiling with budget auto)
     budget: str = "fixed"  # fixed | auto (per-step budget from confidence and the measured cost curve)
 
 

@@ -59,7 +59,7 @@ class FeatureDrafter:
     wants_hidden = True
 
     def __init__(self, head: DraftHead, name: str, static_tree: tuple[tuple[int, ...], ...] | None = None,
-                 depth: int = 6, topk: int = 8, total_tokens: int = 48, budget=None):
+                 depth: int = 4, topk: int = 4, total_tokens: int = 8, budget=None):
         if static_tree is None and (depth < 1 or topk < 1 or total_tokens < 1):
             raise ValueError("depth, topk and total_tokens must be >= 1")
         self.head = head.eval()
