@@ -19,7 +19,6 @@ distribution in both greedy and sampling modes.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -192,11 +191,3 @@ class FeatureDrafter:
             tokens.append(nodes[i].token)
             parents.append(index[p] if p >= 0 else 0)
         return DraftTree(tokens, parents)
-
-
-def expected_accepted(scores: list[float]) -> list[float]:
-    """Expected committed tokens per step when keeping the first n nodes (score-sorted), n = 0..len."""
-    acc = [1.0]
-    for s in scores:
-        acc.append(acc[-1] + math.exp(s))
-    return acc
