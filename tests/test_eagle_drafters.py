@@ -129,7 +129,8 @@ def test_eagle_drafters_greedy_exact(trained, name, prompt, n_new, seed):
         target = TargetModel(model)
         res = SpeculativeGenerator(target, drafter, EOS).generate(prompt, n_new)
         assert res.new_ids == ref, (drafter.name, res.new_ids, ref)
-        assert target.length == len(prompt) + len(res.new_ids) - 1  # cache = exactly the committed tokens
+        if res.stop_reason == "max_new_tokens":  # on EOS the cache may hold accepted drafts past it: unused
+            assert target.length == len(prompt) + len(res.new_ids) - 1  # cache = exactly the committed tokens
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
