@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI must be reproducible: property tests draw the same examples on every run
+settings.register_profile("featspec", derandomize=True)
+settings.load_profile("featspec")
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 TINY_VOCAB = 96
