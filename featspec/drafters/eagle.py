@@ -63,11 +63,11 @@ class FeatureDrafter:
             raise ValueError("depth, topk and total_tokens must be >= 1")
         self.head = head.eval()
         self.name = name
-        if static_tree is not None:
-            shape = set(static_tree)
-            if not shape or any(p[:-1] and p[:-1] not in shape for p in shape):
-                raise ValueError("a static tree must be a non-empty, prefix-closed set of rank paths")
         self.static = set(static_tree) if static_tree is not None else None
+        if self.static is not None and (not self.static or any(p[:-1] and p[:-1] not in self.static for p in self.static)):
+            raise ValueError("a static tree must be a non-empty, prefix-closed set of rank paths")
+        # rank paths that have children in the static tree: computed once, not per drafted level
+        self._expandable = {p[:-1] for p in self.static} if self.static is not None else set()
         self.depth = max(len(p) for p in static_tree) if static_tree is not None else depth
         self.topk = (max(max(p) for p in static_tree) + 1) if static_tree is not None else topk
         self.total_tokens = total_tokens
@@ -168,9 +168,7 @@ class FeatureDrafter:
 
     def _frontier(self, nodes: list[_Node], level: list[int]) -> list[int]:
         if self.static is not None:
-            keep = [n for n in level if nodes[n].rank in self.static
-                    and any(p[: len(nodes[n].rank)] == nodes[n].rank and len(p) > len(nodes[n].rank) for p in self.static)]
-            return keep
+            return [n for n in level if nodes[n].rank in self.static and nodes[n].rank in self._expandable]
         return sorted(level, key=lambda n: -nodes[n].score)[: self.topk]
 
     def _build(self, root: int, nodes: list[_Node], depth: int) -> DraftTree:
