@@ -1,0 +1,142 @@
+"""Question/answer pairs for a scene, and the parsers that score generated answers per attribute.
+
+Answers are built from varied templates; scoring never compares strings, it extracts the attribute
+value (direction, count, shape, colour, speed) from both the reference and the generated answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from featspec.crossmodal.scenes import COLOURS, SHAPES, Scene, SceneObject
+
+ATTRIBUTES = ("direction", "count", "shape", "colour", "speed")
+KINDS = ATTRIBUTES + ("describe",)
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+DIR_PHRASES = {"left": ("to the left", "leftward", "left"), "right": ("to the right", "rightward", "right"),
+               "up": ("upward", "up", "towards the top"), "down": ("downward", "down", "towards the bottom")}
+SPEED_WORDS = {"fast": ("quickly", "fast"), "slow": ("slowly", "at a slow pace")}
+OBJECT_NOUNS = ("object", "shape", "thing")
+
+
+@dataclass(frozen=True)
+class QA:
+    kind: str
+    question: str
+    answer: str
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _ref(scene: Scene, o: SceneObject) -> str:
+    """Shortest unambiguous name: the shape alone when it is unique in the scene, else colour + shape."""
+    same = [p for p in scene.objects if p.shape == o.shape]
+    return f"the {o.shape}" if len(same) == 1 else f"the {o.colour} {o.shape}"
+
+
+def _motion_text(o: SceneObject, rng: np.random.Generator) -> str:
+    if o.motion == "spin":
+        return "stays in place" if o.spin == 0 else "spins in place without moving"
+    return f"moves {_pick(rng, DIR_PHRASES[o.motion])} {_pick(rng, SPEED_WORDS[o.speed])}"
+
+
+def _describe(scene: Scene, rng: np.random.Generator) -> str:
+    n = len(scene.objects)
+    head = "The video shows one object" if n == 1 else f"The video shows {NUMBERS[n]} objects"
+    parts = [f"{head} on a textured background."]
+    for o in scene.objects:
+        parts.append(f"A {o.size} {o.colour} {o.shape} {_motion_text(o, rng)}.")
+    return " ".join(parts)
+
+
+def questions(scene: Scene, seed: int = 0) -> list[QA]:
+    """Every applicable question kind for the scene, one sampled phrasing each."""
+    rng = np.random.default_rng([seed, scene.index, KINDS.index("describe") + 11])
+    objs = scene.objects
+    n = len(objs)
+    out: list[QA] = []
+    # direction: about an object that translates (or, failing that, one that spins)
+    o = _pick(rng, [p for p in objs if p.motion != "spin"] or list(objs))
+    q = _pick(rng, ("Which way is {r} moving?", "In which direction does {r} move?", "Where is {r} going?",
+                    "Describe the motion of {r}.")).format(r=_ref(scene, o))
+    if o.motion == "spin":
+        a = f"{_ref(scene, o).capitalize()} does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
+    else:
+        a = f"{_ref(scene, o).capitalize()} is moving {_pick(rng, DIR_PHRASES[o.motion])}."
+    out.append(QA("direction", q, a))
+    # count
+    q = _pick(rng, ("How many objects are in the video?", "How many shapes can you see?",
+                    "Count the objects in the scene.", "How many things are there?"))
+    noun = _pick(rng, OBJECT_NOUNS)
+    a = f"There is one {noun} in the video." if n == 1 else f"There are {NUMBERS[n]} {noun}s in the video."
+    out.append(QA("count", q, a))
+    # shape: of an object named by its motion, when that names exactly one object
+    by_motion = [p for p in objs if sum(q2.motion == p.motion for q2 in objs) == 1]
+    if by_motion:
+        o = _pick(rng, by_motion)
+        where = "staying in place" if o.motion == "spin" else f"moving {DIR_PHRASES[o.motion][0]}"
+        q = _pick(rng, ("What shape is the {n} {w}?", "What is the {n} {w}?", "Which shape is {w}?")).format(
+            n=_pick(rng, OBJECT_NOUNS), w=where)
+        a = f"The {o.shape} is {where}."
+        out.append(QA("shape", q, a))
+    # colour: of an object named by its shape (and motion when the shape repeats)
+    o = _pick(rng, list(objs))
+    same = [p for p in objs if p.shape == o.shape]
+    name = f"the {o.shape}" if len(same) == 1 else (
+        f"the {o.shape} {'staying in place' if o.motion == 'spin' else 'moving ' + DIR_PHRASES[o.motion][0]}")
+    if len(same) == 1 or sum(p.motion == o.motion for p in same) == 1:
+        q = _pick(rng, ("What colour is {r}?", "What color is {r}?", "Which colour does {r} have?")).format(r=name)
+        out.append(QA("colour", q, f"{name.capitalize()} is {o.colour}."))
+    # speed: of a translating object
+    movers = [p for p in objs if p.motion != "spin"]
+    if movers:
+        o = _pick(rng, movers)
+        q = _pick(rng, ("Is {r} moving fast or slowly?", "How fast does {r} move?", "Does {r} move quickly or slowly?")
+                  ).format(r=_ref(scene, o))
+        a = f"{_ref(scene, o).capitalize()} moves {_pick(rng, SPEED_WORDS[o.speed])}."
+        out.append(QA("speed", q, a))
+    q = _pick(rng, ("Describe the scene.", "What happens in this video?", "Describe what you see in the video."))
+    out.append(QA("describe", q, _describe(scene, rng)))
+    return out
+
+
+def question_for(scene: Scene, kind_index: int, seed: int = 0) -> QA:
+    """The evaluation question of a clip: kinds cycle with the clip index so every attribute is covered."""
+    qas = questions(scene, seed)
+    by_kind = {qa.kind: qa for qa in qas}
+    for k in range(len(KINDS)):
+        kind = KINDS[(kind_index + k) % len(KINDS)]
+        if kind in by_kind:
+            return by_kind[kind]
+    return qas[0]
+
+
+_DIR_RE = re.compile(r"\b(left|leftward|right|rightward|up|upward|down|downward|top|bottom|in place)\b")
+_DIR_CANON = {"leftward": "left", "rightward": "right", "upward": "up", "top": "up", "downward": "down",
+              "bottom": "down", "in place": "none"}
+_COUNT_RE = re.compile(r"\b(one|two|three|four|five|1|2|3|4|5)\b")
+_COUNT_CANON = {"1": "one", "2": "two", "3": "three", "4": "four", "5": "five"}
+
+
+def parse(answer: str, attribute: str) -> str | None:
+    """The first value of `attribute` an answer states, or None. Questions never name the value they ask for."""
+    text = answer.lower()
+    if attribute == "direction":
+        found = [_DIR_CANON.get(m, m) for m in _DIR_RE.findall(text)]
+    elif attribute == "count":
+        found = [_COUNT_CANON.get(m, m) for m in _COUNT_RE.findall(text)]
+    elif attribute == "shape":
+        found = re.findall(r"\b(" + "|".join(SHAPES) + r")\b", text)
+    elif attribute == "colour":
+        found = re.findall(r"\b(" + "|".join(COLOURS) + r")\b", text)
+    elif attribute == "speed":
+        found = ["fast" if w in ("quickly", "fast", "quick") else "slow"
+                 for w in re.findall(r"\b(quickly|fast|quick|slowly|slow)\b", text)]
+    else:
+        raise ValueError(f"unknown attribute '{attribute}': use one of {', '.join(ATTRIBUTES)}")
+    return found[0] if found else None

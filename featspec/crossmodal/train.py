@@ -1,0 +1,269 @@
+"""`featspec xmodal prepare`: data, then both mini models, each in two resumable stages.
+
+Stage 1 (probe) teaches the small vision tower what is in a clip from scene labels, the way real VLMs start
+from a pretrained CLIP; stage 2 (qa) trains tower, projector and LoRA deltas on question answering with
+the text backbone frozen. Each stage checkpoints atomically; a killed run resumes at its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from featspec.crossmodal.qa import KINDS, questions
+from featspec.crossmodal.scenes import DIRECTIONS, Scene, WorldConfig
+from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, save_mini, to_pixels
+from featspec.crossmodal.world import SplitData, build_split
+from featspec.formats import atomic_dir_write
+
+
+@dataclass
+class PrepareConfig:
+    out: Path
+    world: WorldConfig = field(default_factory=WorldConfig)
+    spec: MiniSpec = field(default_factory=MiniSpec)
+    n_train: int = 3000
+    probe_steps: int = 500
+    probe_batch: int = 32
+    qa_steps: dict = field(default_factory=lambda: {"video": 600, "events": 900})
+    qa_batch: int = 8
+    lr_tower: float = 3e-4
+    lr_head: float = 1e-3
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls, out: Path) -> "PrepareConfig":
+        """A minute-scale end-to-end run (tests): 2-layer backbones, a 1-layer tower, a handful of steps."""
+        spec = MiniSpec(vision_hidden=32, vision_layers=1, vision_heads=2, drafter_layers=1, lora_rank=2,
+                        extra={"target_layers": 2})
+        return cls(out=out, spec=spec, n_train=24, probe_steps=3, probe_batch=8, qa_steps={"video": 3, "events": 3},
+                   qa_batch=2, checkpoint_every=2)
+
+
+# ---------- labels for the probe stage ----------
+
+def label_names(world: WorldConfig, kind: str) -> list[str]:
+    motions = list(DIRECTIONS) + ["spin"]
+    names = [f"count={n}" for n in range(1, world.max_objects + 1)]
+    names += [f"{s}+{m}" for s in world.shapes for m in motions] + [f"{s}+{v}" for s in world.shapes for v in world.speeds]
+    if kind == "video":  # events carry no colour, so the event tower is never asked for it
+        names += [f"{c}+{m}" for c in world.colours for m in motions] + [f"{s}+{c}" for s in world.shapes for c in world.colours]
+    return names
+
+
+def scene_labels(scene: Scene, names: list[str]) -> np.ndarray:
+    on = {f"count={len(scene.objects)}"}
+    for o in scene.objects:
+        on |= {f"{o.shape}+{o.motion}", f"{o.colour}+{o.motion}", f"{o.shape}+{o.colour}"}
+        if o.motion != "spin":
+            on.add(f"{o.shape}+{o.speed}")
+    return np.array([n in on for n in names], dtype=np.float32)
+
+
+class Probe(nn.Module):
+    """Reads a clip's tower tokens (B, F, N, D) into label logits; discarded after stage 1."""
+
+    def __init__(self, dim: int, frames: int, n_labels: int) -> None:
+        super().__init__()
+        self.frame = nn.Parameter(torch.zeros(frames, 1, dim))
+        self.mix = nn.TransformerEncoderLayer(dim, nhead=max(1, dim // 64), dim_feedforward=2 * dim, dropout=0.0,
+                                         batch_first=True)  # no dropout: a resumed run replays exactly
+        self.out = nn.Linear(dim, n_labels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = (tokens + self.frame).flatten(1, 2)
+        return self.out(self.mix(x).mean(dim=1))
+
+
+def tower_tokens(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, S, S) -> (B, F, N, D): the tower states the language model is fed from."""
+    b, f = pixels.shape[:2]
+    flat = pixels.flatten(0, 1)
+    if vlm.kind == "video":
+        out = vlm.model.model.video_tower(flat, output_hidden_states=True)
+        states = out.hidden_states[vlm.model.config.vision_feature_layer]
+    else:
+        states = vlm.model.model.visual_tower(flat)
+    return states.unflatten(0, (b, f))
+
+
+# ---------- QA batches ----------
+
+def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int) -> dict[str, torch.Tensor]:
+    """Prompt + answer + EOS per clip (a question kind drawn per step), right-padded, with answer targets."""
+    rng = np.random.default_rng([seed, step, 17])
+    seqs, starts = [], []
+    for i in idx:
+        qas = questions(data.scenes[i], seed=int(rng.integers(1 << 30)))
+        qa = qas[int(rng.integers(len(qas)))]
+        prompt = vlm.prompt_ids(qa.question)
+        answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
+        seqs.append(prompt + answer)
+        starts.append(len(prompt))
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), vlm.eos_ids[0], dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    images = data.frames[idx] if vlm.kind == "video" else data.event_images[idx]
+    return {"input_ids": ids, "attention_mask": mask, "starts": torch.tensor(starts),
+            "lengths": torch.tensor([len(s) for s in seqs]), "pixels": to_pixels(images, vlm.image_size)}
+
+
+def qa_loss(vlm: VLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on answer tokens only, logits computed just where they are needed."""
+    inputs = {"input_ids": batch["input_ids"], vlm.pixel_key: batch["pixels"]}
+    emb = vlm.embeds(inputs)
+    shift = emb.shape[1] - batch["input_ids"].shape[1]  # the event placeholder expands into many tokens
+    mask = batch["attention_mask"]
+    if shift:
+        mask = torch.cat([torch.ones(mask.shape[0], shift, dtype=mask.dtype), mask], dim=1)
+    lang = vlm.model.model.language_model if vlm.kind == "video" else vlm.model.model
+    hidden = lang(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    rows, cols, tgts = [], [], []
+    for r in range(len(batch["starts"])):
+        s, n = int(batch["starts"][r]), int(batch["lengths"][r])
+        pos = torch.arange(s - 1, n - 1)
+        rows.append(torch.full_like(pos, r)); cols.append(pos + shift); tgts.append(batch["input_ids"][r, s:n])
+    h = hidden[torch.cat(rows), torch.cat(cols)]
+    logits = vlm.model.lm_head(h).float()
+    return nn.functional.cross_entropy(logits, torch.cat(tgts))
+
+
+# ---------- the resumable loop ----------
+
+def _lr(step: int, total: int) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def _trainables(vlm: VLM, probe: Probe | None, cfg: PrepareConfig, stage: str) -> list[dict]:
+    tower = [p for n, p in vlm.model.named_parameters() if p.requires_grad and "tower" in n]
+    if stage == "probe":
+        return [{"params": tower, "lr": cfg.lr_head}, {"params": list(probe.parameters()), "lr": cfg.lr_head}]
+    rest = [p for n, p in vlm.model.named_parameters() if p.requires_grad and "tower" not in n]
+    return [{"params": tower, "lr": cfg.lr_tower}, {"params": rest, "lr": cfg.lr_head}]
+
+
+def _freeze_for(vlm: VLM, stage: str) -> None:
+    for n, p in vlm.model.named_parameters():
+        trained = any(k in n for k in ("video_tower", "visual_tower"))
+        if stage == "qa":
+            trained = trained or n.endswith(("lora_a", "lora_b")) or any(
+                k in n for k in ("multi_modal_projector", "visual_projector", "feature_adaptor"))
+        p.requires_grad_(trained)
+
+
+def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = True) -> dict:
+    """Run (or resume) both stages for one model; returns what the model card records."""
+    from tqdm import tqdm
+
+    role = "target" if vlm.kind == "video" else "drafter"
+    ckpt = Path(cfg.out) / f"checkpoint-{role}"
+    names = label_names(cfg.world, vlm.kind)
+    labels = torch.from_numpy(np.stack([scene_labels(s, names) for s in data.scenes]))
+    dim = vlm.model.config.vision_config.hidden_size if vlm.kind == "video" else \
+        vlm.model.model.visual_tower.visual_tower.config.hidden_size
+    probe = Probe(dim, 8 if vlm.kind == "video" else 5, len(names))
+    state = {"stage": "probe", "step": 0, "losses": {"probe": [], "qa": []}, "seconds": 0.0}
+    saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False) if (ckpt / "state.pt").exists() else None
+    if saved is not None:
+        state = saved["meta"]
+        vlm.model.load_state_dict(saved["model"], strict=False)
+        probe.load_state_dict(saved["probe"])
+    for stage, total, bs in (("probe", cfg.probe_steps, cfg.probe_batch), ("qa", cfg.qa_steps[vlm.kind], cfg.qa_batch)):
+        if state["stage"] == "done" or (stage == "probe" and state["stage"] == "qa"):
+            continue
+        _freeze_for(vlm, stage)
+        opt = torch.optim.AdamW(_trainables(vlm, probe, cfg, stage), weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, total))
+        if saved is not None and saved["meta"]["stage"] == stage and "optimizer" in saved:
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+        bar = tqdm(total=total, initial=state["step"], desc=f"{role} {stage}", disable=not progress)
+        while state["step"] < total:
+            t0 = time.time()
+            step = state["step"]
+            idx = np.random.default_rng([cfg.seed, step, 1 if stage == "probe" else 2]).choice(
+                len(data.scenes), size=min(bs, len(data.scenes)), replace=False).tolist()
+            if stage == "probe":
+                images = data.frames[idx] if vlm.kind == "video" else data.event_images[idx]
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    probe(tower_tokens(vlm, to_pixels(images, vlm.image_size))), labels[idx])
+            else:
+                loss = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            state["losses"][stage].append(round(float(loss), 5))
+            state["seconds"] += time.time() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            if state["step"] == total:
+                state = {**state, "stage": "qa" if stage == "probe" else "done", "step": 0 if stage == "probe" else total}
+                _save(ckpt, vlm, probe, opt, sched, state)
+                break
+            if state["step"] % cfg.checkpoint_every == 0:
+                _save(ckpt, vlm, probe, opt, sched, state)
+        bar.close()
+        saved = None
+    return state
+
+
+def _save(ckpt: Path, vlm: VLM, probe: Probe, opt, sched, meta: dict) -> None:
+    from featspec.crossmodal.vlm import trained_state
+
+    def write(d: Path) -> None:
+        torch.save({"model": trained_state(vlm), "probe": probe.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "meta": meta}, d / "state.pt")
+        (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "losses"}))
+
+    atomic_dir_write(ckpt, write)
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
+    """Data, then target and drafter; writes OUT/target and OUT/drafter (loadable with `load_mini`)."""
+    from featspec.crossmodal.vlm import _backbone
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = build_split(cfg.world, "train", cfg.n_train, cache=out / "data", progress=progress)
+    backbone = _backbone(cfg.spec)
+    report = {"world": cfg.world.to_json(), "n_train": cfg.n_train, "data_seconds": round(time.time() - t0, 1)}
+    torch.manual_seed(cfg.seed)
+    for role, build in (("target", build_target), ("drafter", build_drafter)):
+        t1 = time.time()
+        vlm = build(cfg.spec, backbone)
+        lang = vlm.model.model.language_model if vlm.kind == "video" else vlm.model.model
+        lang.to(torch.bfloat16)  # the frozen backbone runs in bf16; towers, projectors and LoRA train in fp32
+        vlm.model.lm_head.to(torch.bfloat16)
+        for name in ("video_tower", "image_tower", "multi_modal_projector", "visual_tower", "visual_projector", "feature_adaptor"):
+            if hasattr(vlm.model.model, name):
+                getattr(vlm.model.model, name).float()
+        add_lora(vlm, cfg.spec.lora_rank)
+        vlm.model.train()
+        state = train_role(cfg, vlm, data, progress)
+        meta = {"world": cfg.world.to_json(), "n_train": cfg.n_train, "probe_steps": cfg.probe_steps,
+                "qa_steps": cfg.qa_steps[vlm.kind], "qa_batch": cfg.qa_batch, "train_seconds": round(state["seconds"], 1),
+                "final_qa_loss": float(np.mean(state["losses"]["qa"][-20:])) if state["losses"]["qa"] else None,
+                "visual_tokens": vlm.visual_tokens}
+        save_mini(vlm, cfg.spec, out / role, meta)
+        report[role] = {**meta, "wall_seconds": round(time.time() - t1, 1)}
+    report["total_seconds"] = round(time.time() - t0, 1)
+    (out / "prepare.json").write_text(json.dumps(report, indent=1))
+    return report
