@@ -1,4 +1,4 @@
-"""featspec command line: generate, bench, train, export."""
+"""featspec command line: generate, bench, train, export, xmodal."""
 
 from __future__ import annotations
 
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--head", required=True, help="head directory or hub id")
     e.add_argument("--format", choices=("vllm", "sglang"), required=True)
     e.add_argument("--out", required=True, help="output directory")
+
+    from featspec.crossmodal.cli import add_parser as add_xmodal
+
+    add_xmodal(sub)
     return parser
 
 
@@ -276,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "xmodal":
+            from featspec.crossmodal.cli import run as run_xmodal
+
+            return run_xmodal(args)
     except FeatspecError as exc:
         print(f"featspec: error: {exc}", file=sys.stderr)
         return 2

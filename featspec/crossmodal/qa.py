@@ -64,16 +64,20 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
     o = _pick(rng, [p for p in objs if p.motion != "spin"] or list(objs))
     q = _pick(rng, ("Which way is {r} moving?", "In which direction does {r} move?", "Where is {r} going?",
                     "Describe the motion of {r}.")).format(r=_ref(scene, o))
+    lead = _pick(rng, ("In the video, ", "Throughout the clip, ", ""))
+    ref = _ref(scene, o) if lead else _ref(scene, o).capitalize()
     if o.motion == "spin":
-        a = f"{_ref(scene, o).capitalize()} does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
+        a = f"{lead}{ref} does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
     else:
-        a = f"{_ref(scene, o).capitalize()} is moving {_pick(rng, DIR_PHRASES[o.motion])}."
+        a = f"{lead}{ref} is moving {_pick(rng, DIR_PHRASES[o.motion])}{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}."
     out.append(QA("direction", q, a))
     # count
     q = _pick(rng, ("How many objects are in the video?", "How many shapes can you see?",
                     "Count the objects in the scene.", "How many things are there?"))
     noun = _pick(rng, OBJECT_NOUNS)
-    a = f"There is one {noun} in the video." if n == 1 else f"There are {NUMBERS[n]} {noun}s in the video."
+    listing = " and ".join(f"a {p.colour} {p.shape}" for p in objs)
+    a = (f"There is one {noun} in the video: {listing}." if n == 1
+         else f"There are {NUMBERS[n]} {noun}s in the video: {listing}.")
     out.append(QA("count", q, a))
     # shape: of an object named by its motion, when that names exactly one object
     by_motion = [p for p in objs if sum(q2.motion == p.motion for q2 in objs) == 1]
@@ -81,8 +85,8 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
         o = _pick(rng, by_motion)
         where = "staying in place" if o.motion == "spin" else f"moving {DIR_PHRASES[o.motion][0]}"
         q = _pick(rng, ("What shape is the {n} {w}?", "What is the {n} {w}?", "Which shape is {w}?")).format(
-            n=_pick(rng, OBJECT_NOUNS), w=where)
-        a = f"The {o.shape} is {where}."
+            n=_pick(rng, ("object", "thing")), w=where)
+        a = f"The {_pick(rng, OBJECT_NOUNS)} {where} is a {o.size} {o.shape}."
         out.append(QA("shape", q, a))
     # colour: of an object named by its shape (and motion when the shape repeats)
     o = _pick(rng, list(objs))
@@ -91,14 +95,16 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
         f"the {o.shape} {'staying in place' if o.motion == 'spin' else 'moving ' + DIR_PHRASES[o.motion][0]}")
     if len(same) == 1 or sum(p.motion == o.motion for p in same) == 1:
         q = _pick(rng, ("What colour is {r}?", "What color is {r}?", "Which colour does {r} have?")).format(r=name)
-        out.append(QA("colour", q, f"{name.capitalize()} is {o.colour}."))
+        tail = "and it stays in place" if o.motion == "spin" else f"and it moves {DIR_PHRASES[o.motion][0]}"
+        out.append(QA("colour", q, f"{name.capitalize()} is {o.colour}, {tail}."))
     # speed: of a translating object
     movers = [p for p in objs if p.motion != "spin"]
     if movers:
         o = _pick(rng, movers)
         q = _pick(rng, ("Is {r} moving fast or slowly?", "How fast does {r} move?", "Does {r} move quickly or slowly?")
                   ).format(r=_ref(scene, o))
-        a = f"{_ref(scene, o).capitalize()} moves {_pick(rng, SPEED_WORDS[o.speed])}."
+        extent = "a long way" if o.speed == "fast" else "only a short distance"
+        a = f"{_ref(scene, o).capitalize()} moves {_pick(rng, SPEED_WORDS[o.speed])}, covering {extent} during the clip."
         out.append(QA("speed", q, a))
     q = _pick(rng, ("Describe the scene.", "What happens in this video?", "Describe what you see in the video."))
     out.append(QA("describe", q, _describe(scene, rng)))

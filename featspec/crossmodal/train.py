@@ -215,7 +215,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
             bar.set_postfix(loss=f"{float(loss):.3f}")
             if state["step"] == total:
                 state = {**state, "stage": "qa" if stage == "probe" else "done", "step": 0 if stage == "probe" else total}
-                _save(ckpt, vlm, probe, opt, sched, state)
+                _save(ckpt, vlm, probe, None, None, state)  # the next stage starts a fresh optimizer
                 break
             if state["step"] % cfg.checkpoint_every == 0:
                 _save(ckpt, vlm, probe, opt, sched, state)
@@ -228,8 +228,10 @@ def _save(ckpt: Path, vlm: VLM, probe: Probe, opt, sched, meta: dict) -> None:
     from featspec.crossmodal.vlm import trained_state
 
     def write(d: Path) -> None:
-        torch.save({"model": trained_state(vlm), "probe": probe.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "meta": meta}, d / "state.pt")
+        blob = {"model": trained_state(vlm), "probe": probe.state_dict(), "meta": meta}
+        if opt is not None:
+            blob.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
+        torch.save(blob, d / "state.pt")
         (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "losses"}))
 
     atomic_dir_write(ckpt, write)

@@ -46,6 +46,7 @@ class VLM:
     tokenizer: object
     template: str
     eos_ids: list[int]
+    add_bos: bool = False  # LLaMA checkpoints expect <s> first; the SmolLM2 chat format has none
 
     @property
     def image_size(self) -> int:
@@ -74,7 +75,8 @@ class VLM:
             visual = [self.model.config.video_token_id] * self.visual_tokens
         else:
             visual = [EVENT_TOKEN_INDEX]
-        return self._text_ids(before) + visual + self._text_ids(after.format(question=question))
+        bos = [self.tokenizer.bos_token_id] if self.add_bos and self.tokenizer.bos_token_id is not None else []
+        return bos + self._text_ids(before) + visual + self._text_ids(after.format(question=question))
 
     def inputs(self, images: np.ndarray, question: str, device=None) -> dict[str, torch.Tensor]:
         device = device or next(self.model.parameters()).device

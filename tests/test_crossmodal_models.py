@@ -1,0 +1,149 @@
+"""Mini models end to end (`featspec xmodal prepare --tiny`), resume, and the real-model checkpoint layouts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+from featspec.cli import main
+from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX, EventChatConfig, EventChatModel
+from featspec.crossmodal.real import load_eventgpt, load_video_llava
+from featspec.crossmodal.train import PrepareConfig, prepare
+from featspec.crossmodal.vlm import load_mini
+from featspec.models.registry import resolve_source
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("xmodal")
+    assert main(["xmodal", "prepare", "--tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_prepare_tiny_writes_loadable_models(tiny_run):
+    report = json.loads((tiny_run / "prepare.json").read_text())
+    assert report["target"]["visual_tokens"] >= 5 * report["drafter"]["visual_tokens"]
+    target = load_mini(tiny_run / "target", torch.float32)
+    drafter = load_mini(tiny_run / "drafter", torch.float32)
+    assert type(target.model).__name__ == "VideoLlavaForConditionalGeneration"
+    assert isinstance(drafter.model, EventChatModel)
+    frames = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    ids = target.generate(frames, "How many objects are there?", max_new_tokens=4)
+    assert 0 < len(ids) <= 4
+    # the trained LoRA deltas changed the backbone: merged weights differ from the pretrained ones
+    assert any(k.endswith("lora_b") and v.abs().sum() > 0 for k, v in
+               __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tiny_run / "target" / "weights.safetensors")).items())
+
+
+def test_eval_and_show_on_tiny_models(tiny_run, tmp_path, capsys):
+    out = tmp_path / "ev.json"
+    assert main(["xmodal", "eval", "--models", str(tiny_run), "--limit", "3", "--max-new-tokens", "4",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for role in ("target", "drafter"):
+        acc = result[role]["accuracy"]
+        assert set(acc) == {"direction", "count", "shape", "colour", "speed"}
+        assert all(v is None or 0.0 <= v <= 1.0 for v in acc.values())
+        assert result["prefill_ms"][role] > 0
+    assert len(result["samples"]) == 3
+    png = tmp_path / "show.png"
+    assert main(["xmodal", "show", "--models", str(tiny_run), "--index", "1", "--out", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+
+
+def test_prepare_resumes_exactly(tmp_path):
+    """A run killed mid-stage and restarted ends with the same weights as an uninterrupted one."""
+    full = PrepareConfig.tiny(tmp_path / "full")
+    prepare(full, progress=False)
+    cut = PrepareConfig.tiny(tmp_path / "cut")
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside the target's QA stage, after its step-2 checkpoint
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare(cut, progress=False)
+    finally:
+        torch.optim.AdamW.step = real_step
+    assert not (tmp_path / "cut" / "target").exists()
+    prepare(cut, progress=False)
+    from safetensors.torch import load_file
+
+    for role in ("target", "drafter"):
+        a = load_file(str(tmp_path / "full" / role / "weights.safetensors"))
+        b = load_file(str(tmp_path / "cut" / role / "weights.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
+
+
+def test_tiny_video_llava_checkpoint_loads(tmp_path):
+    tok = _tokenizer()
+    cfg = VideoLlavaConfig(vision_config=dict(image_size=28, patch_size=14, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=2, num_attention_heads=2),
+                           text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
+                           video_token_index=16, image_token_index=15, vision_feature_layer=-2)
+    torch.manual_seed(0)
+    VideoLlavaForConditionalGeneration(cfg).save_pretrained(tmp_path / "vl")
+    tok.save_pretrained(tmp_path / "vl")
+    vlm = load_video_llava(str(tmp_path / "vl"), torch.float32, "cpu")
+    assert vlm.visual_tokens == 8 * 5
+    frames = np.zeros((8, 40, 40, 3), dtype=np.uint8)
+    inputs = vlm.inputs(frames, "What happens?")
+    assert inputs["pixel_values_videos"].shape == (1, 8, 3, 28, 28)
+    assert (inputs["input_ids"] == 16).sum() == 40
+    with torch.no_grad():
+        direct = vlm.model(**inputs).logits[0, -1]
+        via_embeds = vlm.model(inputs_embeds=vlm.embeds(inputs)).logits[0, -1]
+    assert torch.allclose(direct, via_embeds, atol=1e-5)
+    assert len(vlm.generate(frames, "What happens?", max_new_tokens=3)) <= 3
+
+
+def test_tiny_eventgpt_checkpoint_loads_in_its_layout(tmp_path):
+    """EventGPT keeps its CLIP tower apart (mm_visual_tower) and names tower keys with vision_model."""
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2))
+    tower.save_pretrained(tmp_path / "clip")
+    cfg = EventChatConfig(mm_visual_tower=str(tmp_path / "clip"), vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = EventChatModel(cfg)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if ".visual_tower." not in k}
+    (tmp_path / "eg").mkdir()
+    save_file(state, str(tmp_path / "eg" / "model.safetensors"))
+    raw = cfg.to_dict()
+    raw.update(architectures=["EventChatModel"], model_type="EventChat_llama", event_feature_adaptor=True)
+    raw.pop("visual_config", None)
+    (tmp_path / "eg" / "config.json").write_text(json.dumps(raw))
+    tok.save_pretrained(tmp_path / "eg")
+    vlm = load_eventgpt(str(tmp_path / "eg"), torch.float32, "cpu")
+    assert vlm.visual_tokens == 5 + 5
+    loaded = vlm.model.model.visual_tower.visual_tower.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tower.state_dict().items())
+    assert torch.equal(vlm.model.model.feature_adaptor.weight, model.model.feature_adaptor.weight)
+    images = np.full((5, 30, 30, 3), 255, dtype=np.uint8)
+    inputs = vlm.inputs(images, "What moves?")
+    assert (inputs["input_ids"] == EVENT_TOKEN_INDEX).sum() == 1 and inputs["input_ids"][0, 0] == tok.bos_token_id or tok.bos_token_id is None
+    with torch.no_grad():
+        assert vlm.model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1] - 1 + 10
+    # a layout with keys missing is refused with one line naming the first missing key
+    save_file({k: v for k, v in state.items() if "feature_adaptor" not in k}, str(tmp_path / "eg" / "model.safetensors"))
+    from featspec.errors import FeatspecError
+
+    with pytest.raises(FeatspecError, match="missing model.feature_adaptor"):
+        load_eventgpt(str(tmp_path / "eg"), torch.float32, "cpu")

@@ -1,0 +1,152 @@
+"""The cross-modal world: event simulator, scenes and splits, QA parsing, LoRA merge."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from featspec.crossmodal.events import EventConfig, event_images, histogram, load_npy, save_npy, simulate, voxel_grid
+from featspec.crossmodal.lora import apply_lora, lora_state, merge_lora
+from featspec.crossmodal.qa import ATTRIBUTES, NUMBERS, parse, question_for, questions
+from featspec.crossmodal.scenes import SPLITS, WorldConfig, make_scene, render, render_timeline
+
+
+def _ramp(d_log: float, steps: int = 11, size: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity whose log rises linearly by d_log (eps accounted for) over 1 s."""
+    eps = EventConfig().eps
+    logs = np.linspace(math.log(0.3 + eps), math.log(0.3 + eps) + d_log, steps)
+    return (np.exp(logs) - eps)[:, None, None] * np.ones((steps, size, size)), np.linspace(0, 1, steps)
+
+
+@pytest.mark.parametrize("d_log,c", [(1.0, 0.2), (-0.75, 0.2), (0.5, 0.15), (0.19, 0.2)])
+def test_ramp_emits_floor_dl_over_c_events_of_its_polarity(d_log, c):
+    intensity, times = _ramp(d_log)
+    ev = simulate(intensity, times, EventConfig(c_pos=c, c_neg=c))
+    per_pixel = math.floor(abs(d_log) / c + 1e-9)
+    assert len(ev["t"]) == per_pixel * 9
+    assert set(ev["p"].tolist()) <= {1 if d_log > 0 else 0}
+    for x in range(3):
+        t = ev["t"][(ev["x"] == x) & (ev["y"] == 1)]
+        assert np.all(np.diff(t) > 0) and len(t) == per_pixel
+    if per_pixel:  # crossings of a linear ramp are evenly spaced in time
+        t = ev["t"][(ev["x"] == 0) & (ev["y"] == 0)]
+        expect = np.arange(1, per_pixel + 1) * c / abs(d_log) * 1e6
+        assert np.allclose(t, expect, atol=2)
+
+
+def test_static_scene_emits_nothing_and_noise_adds_events():
+    flat = np.full((20, 8, 8), 0.4)
+    times = np.linspace(0, 1, 20)
+    assert len(simulate(flat, times)["t"]) == 0
+    assert len(simulate(flat, times, EventConfig(noise_hz=5.0))["t"]) > 0
+
+
+def test_refractory_period_is_honoured():
+    intensity, times = _ramp(3.0, steps=4, size=2)  # many crossings within each 333 ms interval
+    free = simulate(intensity, times, EventConfig(c_pos=0.1))
+    ref = simulate(intensity, times, EventConfig(c_pos=0.1, refractory_us=50_000))
+    assert len(ref["t"]) < len(free["t"])
+    for x in range(2):
+        t = ref["t"][(ref["x"] == x) & (ref["y"] == 0)]
+        assert np.all(np.diff(t) >= 50_000)
+
+
+def test_npy_roundtrip_and_representations(tmp_path):
+    intensity, times = _ramp(0.9, size=4)
+    ev = simulate(np.concatenate([intensity, intensity[::-1]]), np.linspace(0, 2, 22))
+    save_npy(ev, tmp_path / "ev.npy")
+    back = load_npy(tmp_path / "ev.npy")
+    for k in ("x", "y", "t", "p"):
+        assert np.array_equal(back[k], ev[k])
+    imgs = event_images(ev, 4, 4)
+    assert imgs.shape == (5, 4, 4, 3)
+    # first chunk holds only ON events (the ramp up): red pixels on white
+    assert (imgs[0].reshape(-1, 3) == [255, 0, 0]).all(axis=1).any() and not (imgs[0].reshape(-1, 3) == [0, 0, 255]).all(axis=1).any()
+    assert (imgs[-1].reshape(-1, 3) == [0, 0, 255]).all(axis=1).any()
+    assert histogram(ev, 4, 4).sum() == len(ev["t"])
+    vox = voxel_grid(ev, 4, 4, bins=5)
+    assert np.isclose(vox.sum(), (ev["p"] > 0).sum() - (ev["p"] == 0).sum(), atol=1e-3)
+    np.save(tmp_path / "bad.npy", np.arange(3))
+    with pytest.raises(ValueError, match="x, y, t, p"):
+        load_npy(tmp_path / "bad.npy")
+
+
+def test_scenes_are_deterministic_per_seed():
+    cfg = WorldConfig()
+    a, b = make_scene(cfg, "train", 5), make_scene(cfg, "train", 5)
+    assert a == b
+    times = render_timeline(cfg)[:4]
+    assert np.array_equal(render(cfg, a, times), render(cfg, b, times))
+    other = [make_scene(WorldConfig(seed=1), "train", i).signature() for i in range(20)]
+    assert other != [make_scene(cfg, "train", i).signature() for i in range(20)]
+
+
+def test_splits_do_not_overlap_and_novel_holds_unseen_pairs():
+    cfg = WorldConfig()
+    held = cfg.held_out_pairs()
+    assert len(held) == cfg.novel_pairs
+    sigs = {s: {make_scene(cfg, s, i).signature() for i in range(150)} for s in SPLITS}
+    for i, s in enumerate(SPLITS):
+        for t in SPLITS[i + 1:]:
+            assert not sigs[s] & sigs[t]
+    for s in ("train", "val", "test"):
+        for i in range(300):
+            assert not {(o.shape, o.colour) for o in make_scene(cfg, s, i).objects} & held
+    for i in range(100):
+        assert {(o.shape, o.colour) for o in make_scene(cfg, "novel", i).objects} & held
+    # every shape and every colour still occurs in training
+    seen = {(o.shape, o.colour) for i in range(300) for o in make_scene(cfg, "train", i).objects}
+    assert {p[0] for p in seen} == set(cfg.shapes) and {p[1] for p in seen} == set(cfg.colours)
+
+
+def test_reference_answers_parse_to_the_scene_truth():
+    cfg = WorldConfig()
+    kinds = set()
+    for i in range(120):
+        scene = make_scene(cfg, "test", i)
+        for qa in questions(scene, seed=i):
+            kinds.add(qa.kind)
+            assert 7 <= len(qa.answer.split()) <= 50, qa.answer
+            if qa.kind == "count":
+                assert parse(qa.answer, "count") == NUMBERS[len(scene.objects)]
+            elif qa.kind == "direction":
+                assert parse(qa.answer, "direction") in {("none" if o.motion == "spin" else o.motion) for o in scene.objects}
+            elif qa.kind == "shape":
+                assert parse(qa.answer, "shape") in {o.shape for o in scene.objects}
+            elif qa.kind == "colour":
+                assert parse(qa.answer, "colour") in {o.colour for o in scene.objects}
+            elif qa.kind == "speed":
+                assert parse(qa.answer, "speed") in {o.speed for o in scene.objects if o.motion != "spin"}
+    assert kinds == set(ATTRIBUTES) | {"describe"}
+    assert [question_for(make_scene(cfg, "test", i), i).kind for i in range(6)] != ["count"] * 6
+    assert parse("The red circle moves slowly to the left", "speed") == "slow"
+    assert parse("I do not know", "colour") is None
+
+
+def test_world_config_rejects_unknown_values():
+    with pytest.raises(ValueError, match="unknown colour"):
+        WorldConfig(colours=("red", "teal"))
+    with pytest.raises(ValueError, match="max_objects"):
+        WorldConfig(max_objects=4)
+
+
+def test_lora_merge_keeps_outputs_and_starts_as_identity():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    net[0].q_proj = torch.nn.Linear(8, 8)
+    block = torch.nn.Module()
+    block.q_proj = torch.nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    before = block.q_proj(x)
+    assert apply_lora(block, rank=2) == 1
+    assert torch.allclose(block.q_proj(x), before)  # B starts at zero
+    with torch.no_grad():
+        block.q_proj.lora_b.normal_()
+    adapted = block.q_proj(x)
+    assert set(lora_state(block)) == {"q_proj.lora_a", "q_proj.lora_b"}
+    merge_lora(block)
+    assert isinstance(block.q_proj, torch.nn.Linear)
+    assert torch.allclose(block.q_proj(x), adapted, atol=1e-5)
