@@ -82,7 +82,9 @@ class SpeculativeGenerator:
         seed: int = 0,
         stop_strings: tuple[str, ...] = (),
         on_token: Callable[[int], None] | None = None,
+        prefill_inputs: dict | None = None,
     ) -> GenerationResult:
+        """Generate after `prompt_ids`; `prefill_inputs` (e.g. pixel values) go to the target's prefill only."""
         if max_new_tokens < 1:
             raise FeatspecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompt_ids:
@@ -98,7 +100,7 @@ class SpeculativeGenerator:
         wants_hidden = bool(getattr(self.drafter, "wants_hidden", False))
 
         t0 = _clock(device)
-        pre = self.target.prefill(prompt_ids, hidden=wants_hidden)
+        pre = self.target.prefill(prompt_ids, hidden=wants_hidden, extra=prefill_inputs)
         first = select_token(pre.logits[-1], sampling, generator)
         self.drafter.start(prompt_ids, pre)
         prefill_s = _clock(device) - t0

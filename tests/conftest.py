@@ -127,3 +127,13 @@ def tiny_models(llama_model, llama_draft_model, gemma_model, gemma_eager_model, 
         "gemma3": (gemma_model, gemma_draft_model),
         "gemma3-eager": (gemma_eager_model, gemma_draft_model),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`featspec xmodal prepare --tiny`: cut-down target and drafter trained for a few steps (about 10 s)."""
+    from featspec.cli import main
+
+    out = tmp_path_factory.mktemp("xmodal")
+    assert main(["xmodal", "prepare", "--tiny", "--out", str(out)]) == 0
+    return out

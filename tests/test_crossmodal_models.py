@@ -18,13 +18,6 @@ from featspec.crossmodal.vlm import load_mini
 from featspec.models.registry import resolve_source
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("xmodal")
-    assert main(["xmodal", "prepare", "--tiny", "--out", str(out)]) == 0
-    return out
-
-
 def test_prepare_tiny_writes_loadable_models(tiny_run):
     report = json.loads((tiny_run / "prepare.json").read_text())
     assert report["target"]["visual_tokens"] >= 5 * report["drafter"]["visual_tokens"]

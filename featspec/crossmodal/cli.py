@@ -1,4 +1,4 @@
-"""`featspec xmodal prepare | eval | show`: the cross-modal world from the command line."""
+"""`featspec xmodal prepare | eval | show | train-adapter | adapters | bench` from the command line."""
 
 from __future__ import annotations
 
@@ -35,6 +35,71 @@ def add_parser(sub) -> None:
         else:
             e.add_argument("--index", type=int, default=0, help="clip index within the split")
             e.add_argument("--out", required=True, help="PNG path")
+    add_drafting_parsers(xs)
+
+
+def _add_work_args(e) -> None:
+    e.add_argument("--models", default=None, help="directory with target/ and drafter/ (default: the shipped minis)")
+    e.add_argument("--work", default=None, help="where aligned features and adapters go (default ~/.cache/featspec/xmodal-work)")
+    e.add_argument("--adapters", default=None, help="adapter directory to read (default: the shipped ones, else WORK/adapters)")
+    e.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="model dtype (features are aligned in it; adapters train in float32)")
+
+
+def add_drafting_parsers(xs) -> None:
+    """train-adapter, adapters (the table) and bench: cross-modal drafting on top of the world."""
+    from featspec.crossmodal.adapters import LEVELS
+    from featspec.crossmodal.bench import METHODS
+
+    t = xs.add_parser("train-adapter", help="align features on train clips (cached) and train one adapter level")
+    _add_work_args(t)
+    t.add_argument("--level", choices=LEVELS, required=True)
+    t.add_argument("--clips", type=int, default=600, help="train clips to align (default 600; cached per count)")
+    t.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    t.add_argument("--ce-weight", type=float, default=0.0, help="add soft CE through the target's LM head (default 0)")
+    a = xs.add_parser("adapters", help="the adapter table: cosine, Accept@t and top-1 agreement per level vs raw tokens")
+    _add_work_args(a)
+    a.add_argument("--split", choices=SPLIT_CHOICES, default="test")
+    a.add_argument("--limit", type=int, default=100, help="clips to align for the table (default 100)")
+    a.add_argument("--json", default=None)
+    b = xs.add_parser("bench", help="target alone vs cross-modal drafting, interleaved per clip after a warm-up")
+    _add_work_args(b)
+    b.add_argument("--split", choices=SPLIT_CHOICES, default="test")
+    b.add_argument("--limit", type=int, default=20)
+    b.add_argument("--methods", default="target,xmodal-token,xmodal-L1", help=f"comma list from {', '.join(METHODS)}")
+    b.add_argument("--draft-length", type=int, default=4, help="draft chain length per step (default 4)")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--json", default="xmodal-bench.json")
+
+
+def _work(args) -> Path:
+    from featspec.models.registry import cache_root
+
+    return Path(args.work).expanduser() if args.work else cache_root() / "xmodal-work"
+
+
+def _adapter_dir(args) -> Path:
+    from featspec.crossmodal.evaluate import SHIPPED
+
+    if args.adapters:
+        return Path(args.adapters).expanduser()
+    return SHIPPED / "adapters" if (SHIPPED / "adapters").is_dir() and not args.work else _work(args) / "adapters"
+
+
+def _pairs(args, target, drafter, world, split: str, n: int):
+    """Aligned pairs for the first n clips of a split, computed once per (models, split, n) and cached."""
+    from featspec.crossmodal.align import align, estimate_bytes, save_pairs
+    from featspec.crossmodal.world import build_split
+
+    path = _work(args) / "pairs" / f"{split}-{n}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    size = estimate_bytes(n, 20, drafter.model.config.hidden_size, target.model.config.text_config.hidden_size,
+                          target.visual_tokens)
+    print(f"aligning {n} {split} clips (about {size / 1e6:.0f} MB at {path})", flush=True)
+    pairs = align(target, drafter, build_split(world, split, n), n)
+    save_pairs(pairs, path)
+    return pairs
 
 
 def _models(args) -> Path:
@@ -83,4 +148,59 @@ def run(args) -> int:
         print("\n".join(f"{k}: {v}" for k, v in info.items()))
         print(f"wrote {args.out}")
         return 0
-    raise FeatspecError(f"unknown xmodal command {args.xmodal_command}")
+    return run_drafting(args)
+
+
+def run_drafting(args) -> int:
+    from featspec.crossmodal.adapter_train import load_adapter, measure, save_adapter, train_adapter
+    from featspec.crossmodal.adapters import LEVELS
+    from featspec.crossmodal.evaluate import load_pair
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    target, drafter, world = load_pair(_models(args), dtype)
+    embed = target.model.get_input_embeddings()
+    if args.xmodal_command == "train-adapter":
+        if args.clips < 2 or args.steps < 1:
+            raise FeatspecError("--clips must be >= 2 and --steps >= 1")
+        pairs = _pairs(args, target, drafter, world, "train", args.clips)
+        adapter, losses = train_adapter(args.level, pairs, target.model.lm_head, embed, steps=args.steps,
+                                        ce_weight=args.ce_weight)
+        stats = measure(adapter, _pairs(args, target, drafter, world, "val", 50), target.model.lm_head, drafter.model.lm_head)
+        out = _work(args) / "adapters" / f"{args.level}.pt"
+        save_adapter(adapter, out, {"clips": args.clips, "steps": args.steps, "ce_weight": args.ce_weight,
+                                    "final_loss": sum(losses[-20:]) / len(losses[-20:]), "val": stats})
+        print(f"{args.level}: val top-1 {stats['top1']:.3f}, cosine {stats['cosine']:.3f}, {stats['params']} params; wrote {out}")
+        return 0
+    adir = _adapter_dir(args)
+    adapters = {lv: load_adapter(adir / f"{lv}.pt", embed) for lv in LEVELS if (adir / f"{lv}.pt").exists()}
+    if args.xmodal_command == "adapters":
+        pairs = _pairs(args, target, drafter, world, args.split, args.limit)
+        table = {"token": measure(None, pairs, target.model.lm_head, drafter.model.lm_head)}
+        for lv, ad in adapters.items():
+            table[lv] = measure(ad, pairs, target.model.lm_head, drafter.model.lm_head)
+        print("| level | params | ms/call | cosine | A@0.80 | A@0.85 | A@0.90 | A@0.95 | top-1 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for lv, r in table.items():
+            if lv == "token":
+                print(f"| raw drafter tokens | - | - | - | - | - | - | - | {r['top1']:.3f} |")
+            else:
+                print(f"| {lv} | {r['params']} | {r['latency_ms']:.2f} | {r['cosine']:.3f} | " + " | ".join(
+                    f"{r[f'accept@{t:.2f}']:.2f}" for t in (0.80, 0.85, 0.90, 0.95)) + f" | {r['top1']:.3f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"split": args.split, "limit": args.limit, "levels": table}, indent=1))
+        return 0
+    from featspec.crossmodal.bench import markdown, run_bench
+    from featspec.crossmodal.world import build_split
+
+    if args.limit < 1 or args.draft_length < 1:
+        raise FeatspecError("--limit and --draft-length must be >= 1")
+    for ad in adapters.values():
+        ad.to(dtype)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = run_bench(target, drafter, adapters, build_split(world, args.split, args.limit + 1), methods, args.limit,
+                       args.max_new_tokens, args.draft_length)
+    print(markdown(result))
+    Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "func"},
+                                           "methods": result}, indent=1, default=str))
+    print(f"wrote {args.json}")
+    return 0

@@ -79,15 +79,23 @@ class ModelDrafter:
         while keep < limit and self.cached[keep] == tokens[keep]:
             keep += 1
         if keep < len(self.cached):
-            truncate_cache(self.cache, keep)
+            self._truncate(keep)
             del self.cached[keep:]
         return self._feed(tokens[keep:])
+
+    def _truncate(self, keep: int) -> None:
+        """Drop cache entries past the first `keep` tokens (one entry per token here)."""
+        truncate_cache(self.cache, keep)
+
+    def _tokens(self, ctx: DraftContext) -> list[int]:
+        """The sequence this drafter conditions on: the target's, for a drafter sharing its prompt."""
+        return ctx.tokens
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         steps = min(self.draft_length, ctx.max_depth)
         if steps < 1:
             return DraftTree.root(ctx.tokens[-1])
-        logits = self._sync(ctx.tokens)
+        logits = self._sync(self._tokens(ctx))
         drafted: list[int] = []
         dists: list[torch.Tensor | None] = []
         for i in range(steps):

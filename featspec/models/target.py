@@ -45,7 +45,8 @@ class TargetModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _forward(self, ids: list[int], position_ids: torch.Tensor | None, mask, hidden: bool, keep: int = 0):
+    def _forward(self, ids: list[int], position_ids: torch.Tensor | None, mask, hidden: bool, keep: int = 0,
+                 extra: dict | None = None):
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             attention_mask=mask,
@@ -54,20 +55,22 @@ class TargetModel:
             use_cache=True,
             output_hidden_states=hidden,
             logits_to_keep=keep,
+            **(extra or {}),
         )
         hs = tuple(h[0] for h in out.hidden_states) if hidden else None
         return out.logits[0], hs
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], hidden: bool = False) -> VerifyOutput:
+    def prefill(self, prompt_ids: list[int], hidden: bool = False, extra: dict | None = None) -> VerifyOutput:
         """Start a sequence: cache the prompt; return the last position's logits and every position's features.
 
         Only the last row of logits is computed: on a 262k vocabulary the LM head over a long prompt
-        would otherwise cost more than the transformer layers.
+        would otherwise cost more than the transformer layers. `extra` carries model inputs only the
+        prompt has, e.g. a VLM's `pixel_values_videos` (its placeholder ids sit in `prompt_ids`).
         """
         self.cache = DynamicCache()
         self.length = 0
-        logits, hs = self._forward(prompt_ids, None, None, hidden, keep=1)
+        logits, hs = self._forward(prompt_ids, None, None, hidden, keep=1, extra=extra)
         self.length = len(prompt_ids)
         return VerifyOutput(logits, hs)
 

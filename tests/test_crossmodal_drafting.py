@@ -1,0 +1,114 @@
+"""Cross-modal drafting on the tiny world: feature pairing, adapters, and greedy exactness through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featspec.crossmodal.adapter_train import measure, train_adapter
+from featspec.crossmodal.adapters import LEVELS, Adapter, build_adapter
+from featspec.crossmodal.align import align, last_hidden, sequences
+from featspec.crossmodal.qa import question_for
+from featspec.crossmodal.scenes import WorldConfig
+from featspec.crossmodal.vlm import load_mini, to_pixels
+from featspec.crossmodal.world import build_split
+from featspec.drafters.crossmodal import CrossModalDrafter
+from featspec.engine import SpeculativeGenerator
+from featspec.models.target import TargetModel
+
+
+@pytest.fixture(scope="module")
+def world(tiny_run):
+    torch.manual_seed(0)
+    target = load_mini(tiny_run / "target", torch.float32)
+    drafter = load_mini(tiny_run / "drafter", torch.float32)
+    data = build_split(WorldConfig(), "val", 6, progress=False)
+    pairs = align(target, drafter, data, 4, max_new_tokens=8, progress=False)
+    return target, drafter, data, pairs
+
+
+def test_pairs_align_positions_on_the_same_tokens(world):
+    """Row j of a clip is each model's state after reading the same tokens: recomputing either model on the
+    answer cut after token[j] gives the same last-position feature."""
+    target, drafter, data, pairs = world
+    seq = sequences(pairs)[1]
+    qa = question_for(data.scenes[1], 1)
+    answer = seq["next"].tolist()
+    assert seq["token"][1:].tolist() == answer[:-1]
+    for j in (0, 2, len(answer) - 1):
+        for vlm, images, key in ((target, data.frames[1], "target"), (drafter, data.event_images[1], "draft")):
+            h, _, p = last_hidden(vlm, images, qa.question, answer[:j])
+            assert torch.allclose(h[p - 1 + j].to(torch.bfloat16).float(), seq[key][j].float(), atol=0.02, rtol=0.02)
+    assert pairs["visual"].shape[1] == target.visual_tokens
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_each_level_lowers_its_loss(world, level):
+    target, drafter, _, pairs = world
+    adapter, losses = train_adapter(level, pairs, target.model.lm_head, target.model.get_input_embeddings(),
+                                    steps=30, batch=4, lr=3e-3, progress=False)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    stats = measure(adapter, pairs, target.model.lm_head, drafter.model.lm_head)
+    assert 0 <= stats["top1"] <= 1 and stats["params"] == sum(p.numel() for p in adapter.parameters())
+    assert stats["accept@0.80"] >= stats["accept@0.95"]
+
+
+def test_level_shapes_follow_the_spec():
+    h = 576
+    l1 = build_adapter("L1", h, h)
+    assert [m.out_features for m in l1.block.mlp if isinstance(m, torch.nn.Linear)] == [h // 16, h]
+    l3 = build_adapter("L3", h, h)
+    assert [m.out_features for m in l3.block.mlp if isinstance(m, torch.nn.Linear)] == [h // 4, h // 4, h]
+    assert len(build_adapter("L2", h, h).blocks) == 3
+    assert "embed" not in dict(build_adapter("L5", h, h, embed=torch.nn.Embedding(10, h)).named_modules())
+
+
+class OracleAdapter(Adapter):
+    """Returns the target's own feature for even answer positions and noise for odd ones, so drafts are
+    accepted and rejected in turn: exercises the drafter's cache and history bookkeeping."""
+
+    level = "oracle"
+    needs_history = True
+
+    def __init__(self, target_feats: torch.Tensor) -> None:
+        super().__init__(target_feats.shape[-1], target_feats.shape[-1])
+        self.feats = target_feats
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, feats, tokens=None, visual=None):
+        j = feats.shape[1] - 1
+        if j < len(self.feats) and j % 3 != 2:
+            out = self.feats[j].float()
+        else:
+            out = torch.randn(feats.shape[-1])
+        return out.expand(1, feats.shape[1], -1)
+
+
+def _run(target, drafter, data, i, adapter, length=3):
+    qa = question_for(data.scenes[i], i)
+    ref = target.generate(data.frames[i], qa.question, 12)
+    inputs = target.inputs(data.frames[i], qa.question)
+    d = CrossModalDrafter(drafter, drafter.prompt_ids(qa.question), to_pixels(data.event_images[i], drafter.image_size)[None],
+                          target.model.lm_head, adapter, length, target.model.config.video_token_id)
+    gen = SpeculativeGenerator(TargetModel(target.model), d, target.eos_ids)
+    out = gen.generate(inputs["input_ids"][0].tolist(), 12, prefill_inputs={"pixel_values_videos": inputs["pixel_values_videos"]})
+    new = out.new_ids[:-1] if out.new_ids and out.new_ids[-1] in target.eos_ids else out.new_ids
+    return new, ref, out
+
+
+@pytest.mark.parametrize("level", [None, *LEVELS])
+def test_greedy_output_is_the_targets(world, level):
+    target, drafter, data, pairs = world
+    adapter = None if level is None else build_adapter(level, 576, 576, embed=target.model.get_input_embeddings()).eval()
+    for i in (4, 5):
+        new, ref, _ = _run(target, drafter, data, i, adapter)
+        assert new == ref
+
+
+def test_accepted_drafts_keep_the_drafter_in_sync(world):
+    target, drafter, data, pairs = world
+    seq = sequences(pairs)[0]
+    new, ref, out = _run(target, drafter, data, 0, OracleAdapter(seq["target"]))
+    assert new == ref
+    assert out.tau > 1.3  # the oracle positions were accepted
+    assert any(s.accepted < s.tree_size - 1 for s in out.steps)  # and the noisy ones rejected
