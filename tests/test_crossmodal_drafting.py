@@ -112,3 +112,16 @@ def test_accepted_drafts_keep_the_drafter_in_sync(world):
     assert new == ref
     assert out.tau > 1.3  # the oracle positions were accepted
     assert any(s.accepted < s.tree_size - 1 for s in out.steps)  # and the noisy ones rejected
+
+
+def test_adapter_save_load_roundtrip(tmp_path):
+    from featspec.crossmodal.adapter_train import load_adapter, save_adapter
+
+    emb = torch.nn.Embedding(50, 64)
+    for level in LEVELS:
+        a = build_adapter(level, 64, 64, embed=emb).eval()
+        save_adapter(a, tmp_path / f"{level}.pt", {"note": "x", "val": {"top1": 0.5}})
+        b = load_adapter(tmp_path / f"{level}.pt", emb)
+        x, tok, vis = torch.randn(1, 5, 64), torch.randint(0, 50, (1, 5)), torch.randn(1, 7, 64)
+        assert torch.equal(a(x, tok, vis), b(x, tok, vis))
+    assert not list(tmp_path.glob("*.tmp"))

@@ -109,7 +109,7 @@ def save_adapter(adapter: Adapter, path: Path, meta: dict) -> None:
 
 
 def load_adapter(path: Path, embed: nn.Embedding | None = None) -> Adapter:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     adapter = build_adapter(blob["level"], blob["d_in"], blob["d_out"], embed=embed)
     adapter.load_state_dict(blob["state"])
     return adapter.eval()

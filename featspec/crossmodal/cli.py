@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a minute-scale run with cut-down models (tests, smoke checks)")
     p.add_argument("--n-train", type=int, default=None, help="training clips (default 3000; --tiny 24)")
     p.add_argument("--seed", type=int, default=0, help="world seed: a different seed is a different distribution")
+    p.add_argument("--probe-steps", type=int, default=None, help="vision-tower pre-training steps per model (default 400)")
+    p.add_argument("--qa-steps", type=int, default=None, help="target QA steps, batch 8 (default 600; the drafter gets 1.5x)")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
         e = xs.add_parser(name, help=helptext)
@@ -118,6 +120,12 @@ def run(args) -> int:
         out = Path(args.out).expanduser() if args.out else cache_root() / "xmodal"
         cfg = PrepareConfig.tiny(out) if args.tiny else PrepareConfig(out=out)
         cfg.world = WorldConfig(seed=args.seed)
+        if args.probe_steps is not None:
+            cfg.probe_steps = args.probe_steps
+        if args.qa_steps is not None:
+            if args.qa_steps < 1:
+                raise FeatspecError(f"--qa-steps must be >= 1, got {args.qa_steps}")
+            cfg.qa_steps = {"video": args.qa_steps, "events": (3 * args.qa_steps + 1) // 2}
         if args.n_train is not None:
             if args.n_train < 8:
                 raise FeatspecError(f"--n-train must be >= 8, got {args.n_train}")

@@ -166,6 +166,18 @@ def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     return np.clip(0.5 - d, 0.0, 1.0)
 
 
+def object_centres(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> np.ndarray:
+    """(T, n_objects, 2) float32 centre x, y of every object at each time (the renderer's ground truth)."""
+    t = np.asarray(times, dtype=np.float32)
+    out = np.zeros((len(t), len(scene.objects), 2), dtype=np.float32)
+    for k, o in enumerate(scene.objects):
+        dx, dy = (0.0, 0.0) if o.motion == "spin" else DIRECTIONS[o.motion]
+        v = 0.0 if o.motion == "spin" else cfg.speeds[o.speed]
+        out[:, k, 0] = o.x0 + dx * v * t
+        out[:, k, 1] = o.y0 + dy * v * t
+    return out
+
+
 def render(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> np.ndarray:
     """RGB float32 images (T, H, W, 3) in [0, 1] at the given times (seconds)."""
     s = cfg.size
@@ -184,14 +196,9 @@ def render(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> np.ndarray:
         + 0.06 * np.sin(oy * (0.2 + 0.3 * b[3]) - ox * 0.1 * b[4] + 6 * b[5]) + 0.04 * np.sin((ox + oy) * (0.5 + b[6]))
     tint = 0.9 + 0.2 * np.array(b[6:9], dtype=np.float32)
     img = np.clip(tex, 0, 1)[..., None] * tint
-    for o in scene.objects:
-        if o.motion == "spin":
-            cx = np.full_like(t, o.x0)
-            cy = np.full_like(t, o.y0)
-        else:
-            v = cfg.speeds[o.speed]
-            dx, dy = DIRECTIONS[o.motion]
-            cx, cy = o.x0 + dx * v * t, o.y0 + dy * v * t
+    centres = object_centres(cfg, scene, times)
+    for k, o in enumerate(scene.objects):
+        cx, cy = centres[:, k, 0, None, None], centres[:, k, 1, None, None]
         a = o.angle0 + o.spin * t
         rx, ry = ox - cx, oy - cy
         ux = np.cos(a) * rx + np.sin(a) * ry

@@ -1,7 +1,7 @@
 """`featspec xmodal prepare`: data, then both mini models, each in two resumable stages.
 
-Stage 1 (probe) teaches the small vision tower what is in a clip from scene labels, the way real VLMs start
-from a pretrained CLIP; stage 2 (qa) trains tower, projector and LoRA deltas on question answering with
+Stage 1 (probe) teaches the small vision tower where each object is, its shape and (RGB only) colour, from
+the renderer's per-patch ground truth, the way real VLMs start from a pretrained CLIP; stage 2 (qa) trains tower, projector and LoRA deltas on question answering with
 the text backbone frozen. Each stage checkpoints atomically; a killed run resumes at its last checkpoint.
 """
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from featspec.crossmodal.qa import KINDS, questions
-from featspec.crossmodal.scenes import DIRECTIONS, Scene, WorldConfig
+from featspec.crossmodal.scenes import Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
 from featspec.formats import atomic_dir_write
@@ -30,7 +30,7 @@ class PrepareConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     spec: MiniSpec = field(default_factory=MiniSpec)
     n_train: int = 3000
-    probe_steps: int = 500
+    probe_steps: int = 400
     probe_batch: int = 32
     qa_steps: dict = field(default_factory=lambda: {"video": 600, "events": 900})
     qa_batch: int = 8
@@ -48,39 +48,61 @@ class PrepareConfig:
                    qa_batch=2, checkpoint_every=2)
 
 
-# ---------- labels for the probe stage ----------
+# ---------- the probe stage: local labels for the vision tower ----------
 
-def label_names(world: WorldConfig, kind: str) -> list[str]:
-    motions = list(DIRECTIONS) + ["spin"]
-    names = [f"count={n}" for n in range(1, world.max_objects + 1)]
-    names += [f"{s}+{m}" for s in world.shapes for m in motions] + [f"{s}+{v}" for s in world.shapes for v in world.speeds]
-    if kind == "video":  # events carry no colour, so the event tower is never asked for it
-        names += [f"{c}+{m}" for c in world.colours for m in motions] + [f"{s}+{c}" for s in world.shapes for c in world.colours]
-    return names
+def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int) -> dict[str, torch.Tensor]:
+    """Per image and patch: colour and shape of the object whose centre lies there (0 = none), the centre's
+    offset inside the patch, and per image the object count. Local labels teach a from-scratch tower where
+    things are far faster than clip-level labels; events get no colour (they carry none)."""
+    from featspec.crossmodal.scenes import object_centres, render_timeline, video_frame_indices
+
+    if kind == "video":
+        times = render_timeline(world)
+        times = times[video_frame_indices(len(times))]
+    else:  # equal-count event chunks of steady motion span about equal times
+        times = (np.arange(5) + 0.5) / 5 * world.duration_s
+    g = world.size // patch
+    n, f = len(scenes), len(times)
+    colour = np.zeros((n, f, g * g), dtype=np.int64)
+    shape = np.zeros((n, f, g * g), dtype=np.int64)
+    offset = np.zeros((n, f, g * g, 2), dtype=np.float32)
+    count = np.zeros(n, dtype=np.int64)
+    for i, sc in enumerate(scenes):
+        centres = object_centres(world, sc, times)
+        count[i] = len(sc.objects) - 1
+        for k, o in enumerate(sc.objects):  # later objects are drawn on top, so they win a shared patch
+            px = np.clip(centres[:, k] // patch, 0, g - 1).astype(int)
+            cell = px[:, 1] * g + px[:, 0]
+            rows = np.arange(f)
+            colour[i, rows, cell] = world.colours.index(o.colour) + 1 if kind == "video" else 0
+            shape[i, rows, cell] = world.shapes.index(o.shape) + 1
+            offset[i, rows, cell] = centres[:, k] / patch - px
+    return {"colour": torch.from_numpy(colour), "shape": torch.from_numpy(shape), "offset": torch.from_numpy(offset),
+            "count": torch.from_numpy(count)}
 
 
-def scene_labels(scene: Scene, names: list[str]) -> np.ndarray:
-    on = {f"count={len(scene.objects)}"}
-    for o in scene.objects:
-        on |= {f"{o.shape}+{o.motion}", f"{o.colour}+{o.motion}", f"{o.shape}+{o.colour}"}
-        if o.motion != "spin":
-            on.add(f"{o.shape}+{o.speed}")
-    return np.array([n in on for n in names], dtype=np.float32)
+class DenseProbe(nn.Module):
+    """Reads patch tokens into (colour, shape, offset) and the CLS token into a count; discarded after stage 1."""
 
-
-class Probe(nn.Module):
-    """Reads a clip's tower tokens (B, F, N, D) into label logits; discarded after stage 1."""
-
-    def __init__(self, dim: int, frames: int, n_labels: int) -> None:
+    def __init__(self, dim: int, world: WorldConfig) -> None:
         super().__init__()
-        self.frame = nn.Parameter(torch.zeros(frames, 1, dim))
-        self.mix = nn.TransformerEncoderLayer(dim, nhead=max(1, dim // 64), dim_feedforward=2 * dim, dropout=0.0,
-                                         batch_first=True)  # no dropout: a resumed run replays exactly
-        self.out = nn.Linear(dim, n_labels)
+        self.sizes = (len(world.colours) + 1, len(world.shapes) + 1, 2)
+        self.patch = nn.Linear(dim, sum(self.sizes))
+        self.cls = nn.Linear(dim, world.max_objects)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = (tokens + self.frame).flatten(1, 2)
-        return self.out(self.mix(x).mean(dim=1))
+    def loss(self, tokens: torch.Tensor, t: dict[str, torch.Tensor], idx: list[int], with_colour: bool) -> torch.Tensor:
+        """tokens (B, F, 1 + G*G, D) from `tower_tokens`."""
+        c, s, _ = self.sizes
+        out = self.patch(tokens[:, :, 1:])
+        ce = nn.functional.cross_entropy
+        loss = ce(out[..., c: c + s].flatten(0, 2), t["shape"][idx].flatten())
+        if with_colour:
+            loss = loss + ce(out[..., :c].flatten(0, 2), t["colour"][idx].flatten())
+        present = t["shape"][idx] > 0
+        if present.any():
+            loss = loss + 4 * (out[..., c + s:][present] - t["offset"][idx][present]).pow(2).mean()
+        count = self.cls(tokens[:, :, 0])
+        return loss + ce(count.flatten(0, 1), t["count"][idx].repeat_interleave(tokens.shape[1]))
 
 
 def tower_tokens(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
@@ -148,7 +170,7 @@ def _lr(step: int, total: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
-def _trainables(vlm: VLM, probe: Probe | None, cfg: PrepareConfig, stage: str) -> list[dict]:
+def _trainables(vlm: VLM, probe: "DenseProbe", cfg: PrepareConfig, stage: str) -> list[dict]:
     tower = [p for n, p in vlm.model.named_parameters() if p.requires_grad and "tower" in n]
     if stage == "probe":
         return [{"params": tower, "lr": cfg.lr_head}, {"params": list(probe.parameters()), "lr": cfg.lr_head}]
@@ -171,11 +193,9 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
 
     role = "target" if vlm.kind == "video" else "drafter"
     ckpt = Path(cfg.out) / f"checkpoint-{role}"
-    names = label_names(cfg.world, vlm.kind)
-    labels = torch.from_numpy(np.stack([scene_labels(s, names) for s in data.scenes]))
-    dim = vlm.model.config.vision_config.hidden_size if vlm.kind == "video" else \
-        vlm.model.model.visual_tower.visual_tower.config.hidden_size
-    probe = Probe(dim, 8 if vlm.kind == "video" else 5, len(names))
+    vcfg = vlm.model.config.vision_config if vlm.kind == "video" else vlm.model.model.visual_tower.visual_tower.config
+    dense = dense_targets(cfg.world, data.scenes, vlm.kind, vcfg.patch_size)
+    probe = DenseProbe(vcfg.hidden_size, cfg.world)
     state = {"stage": "probe", "step": 0, "losses": {"probe": [], "qa": []}, "seconds": 0.0}
     saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False) if (ckpt / "state.pt").exists() else None
     if saved is not None:
@@ -199,8 +219,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
                 len(data.scenes), size=min(bs, len(data.scenes)), replace=False).tolist()
             if stage == "probe":
                 images = data.frames[idx] if vlm.kind == "video" else data.event_images[idx]
-                loss = nn.functional.binary_cross_entropy_with_logits(
-                    probe(tower_tokens(vlm, to_pixels(images, vlm.image_size))), labels[idx])
+                loss = probe.loss(tower_tokens(vlm, to_pixels(images, vlm.image_size)), dense, idx, vlm.kind == "video")
             else:
                 loss = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed))
             opt.zero_grad(set_to_none=True)
@@ -224,7 +243,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
     return state
 
 
-def _save(ckpt: Path, vlm: VLM, probe: Probe, opt, sched, meta: dict) -> None:
+def _save(ckpt: Path, vlm: VLM, probe: "DenseProbe", opt, sched, meta: dict) -> None:
     from featspec.crossmodal.vlm import trained_state
 
     def write(d: Path) -> None:
