@@ -34,8 +34,7 @@ class PrepareConfig:
     probe_batch: int = 32
     qa_steps: dict = field(default_factory=lambda: {"video": 600, "events": 900})
     qa_batch: int = 8
-    lr_tower: float = 3e-4
-    lr_head: float = 1e-3
+    lr: float = 1e-3
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -171,18 +170,22 @@ def _lr(step: int, total: int) -> float:
 
 
 def _trainables(vlm: VLM, probe: "DenseProbe", cfg: PrepareConfig, stage: str) -> list[dict]:
-    tower = [p for n, p in vlm.model.named_parameters() if p.requires_grad and "tower" in n]
+    """Optimizer groups: probe stage (tower, probe head); QA stage (projector, adaptor and LoRA)."""
+    trained = [p for p in vlm.model.parameters() if p.requires_grad]
     if stage == "probe":
-        return [{"params": tower, "lr": cfg.lr_head}, {"params": list(probe.parameters()), "lr": cfg.lr_head}]
-    rest = [p for n, p in vlm.model.named_parameters() if p.requires_grad and "tower" not in n]
-    return [{"params": tower, "lr": cfg.lr_tower}, {"params": rest, "lr": cfg.lr_head}]
+        return [{"params": trained, "lr": cfg.lr}, {"params": list(probe.parameters()), "lr": cfg.lr}]
+    return [{"params": trained, "lr": cfg.lr}]
 
 
 def _freeze_for(vlm: VLM, stage: str) -> None:
+    """Probe: the tower alone. QA: projector, adaptor and LoRA; the tower stays frozen, as in LLaVA-style
+    training, because gradients through a freshly initialised projector wiped out what the probe taught
+    (a jointly trained target still answered counts and directions at chance after 100 steps)."""
     for n, p in vlm.model.named_parameters():
-        trained = any(k in n for k in ("video_tower", "visual_tower"))
-        if stage == "qa":
-            trained = trained or n.endswith(("lora_a", "lora_b")) or any(
+        if stage == "probe":
+            trained = any(k in n for k in ("video_tower", "visual_tower"))
+        else:
+            trained = n.endswith(("lora_a", "lora_b")) or any(
                 k in n for k in ("multi_modal_projector", "visual_projector", "feature_adaptor"))
         p.requires_grad_(trained)
 
