@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from featspec.crossmodal.adapters import Adapter, adapter_loss, build_adapter
-from featspec.crossmodal.align import sequences
+from featspec.crossmodal.align import atomic_torch_save, sequences
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 
@@ -100,12 +100,8 @@ def _latency(adapter: Adapter, seq: dict[str, torch.Tensor], reps: int = 20) -> 
 
 
 def save_adapter(adapter: Adapter, path: Path, meta: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"level": adapter.level, "d_in": adapter.d_in, "d_out": adapter.d_out, "state": adapter.state_dict(),
-                "meta": meta}, tmp)
-    tmp.replace(path)
+    atomic_torch_save({"level": adapter.level, "d_in": adapter.d_in, "d_out": adapter.d_out,
+                       "state": adapter.state_dict(), "meta": meta}, path)
 
 
 def load_adapter(path: Path, embed: nn.Embedding | None = None) -> Adapter:

@@ -110,20 +110,29 @@ def _heads(d: int) -> int:
     return max(1, d // 64)
 
 
-class L4(Adapter):
-    level = "L4"
-    needs_history = True
+class _AttentionAdapter(Adapter):
+    """L4 and L6: input map, one attention block (causal self or cross), residual scaled by alpha."""
+
+    cross = False
 
     def __init__(self, d_in: int, d_out: int, dropout: float = 0.1) -> None:
         super().__init__(d_in, d_out)
         self.inp = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
-        self.block = _Block(d_out, _heads(d_out), cross=False, dropout=dropout)
+        self.block = _Block(d_out, _heads(d_out), cross=self.cross, dropout=dropout)
         self.out = nn.LayerNorm(d_out)
         self.alpha = nn.Parameter(torch.tensor(0.1))
 
-    def forward(self, feats, tokens=None, visual=None):
+    def _map(self, feats: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
         x = self.inp(feats)
-        return x + self.alpha * self.out(self.block(x))
+        return x + self.alpha * self.out(self.block(x, None if memory is None else memory.to(x.dtype)))
+
+
+class L4(_AttentionAdapter):
+    level = "L4"
+    needs_history = True
+
+    def forward(self, feats, tokens=None, visual=None):
+        return self._map(feats)
 
 
 class L5(Adapter):
@@ -149,24 +158,17 @@ class L5(Adapter):
         return self.skip(feats) + self.alpha * self.out(self.block(self.fc(torch.cat([e, feats], dim=-1))))
 
 
-class L6(Adapter):
+class L6(_AttentionAdapter):
     """Cross-modal attention: queries from drafter features, keys/values from the target's visual features."""
 
     level = "L6"
     needs_visual = True
-
-    def __init__(self, d_in: int, d_out: int, dropout: float = 0.1) -> None:
-        super().__init__(d_in, d_out)
-        self.inp = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
-        self.block = _Block(d_out, _heads(d_out), cross=True, dropout=dropout)
-        self.out = nn.LayerNorm(d_out)
-        self.alpha = nn.Parameter(torch.tensor(0.1))
+    cross = True
 
     def forward(self, feats, tokens=None, visual=None):
         if visual is None:
             raise ValueError("L6 needs the target's visual features")
-        x = self.inp(feats)
-        return x + self.alpha * self.out(self.block(x, visual.to(x.dtype)))
+        return self._map(feats, visual)
 
 
 CLASSES = {c.level: c for c in (L1, L2, L3, L4, L5, L6)}

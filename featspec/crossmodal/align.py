@@ -71,13 +71,17 @@ def align(target: VLM, drafter: VLM, data: SplitData, limit: int, max_new_tokens
     return out
 
 
-def save_pairs(pairs: dict[str, torch.Tensor], path: Path) -> None:
-    """torch.save to a temp name, then rename: a killed run leaves no half-written cache."""
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temp name, then rename: a killed run leaves no half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(pairs, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def save_pairs(pairs: dict[str, torch.Tensor], path: Path) -> None:
+    atomic_torch_save(pairs, path)
 
 
 def sequences(pairs: dict[str, torch.Tensor], device=None) -> list[dict[str, torch.Tensor]]:
