@@ -140,3 +140,30 @@ def test_tiny_eventgpt_checkpoint_loads_in_its_layout(tmp_path):
 
     with pytest.raises(FeatspecError, match="missing model.feature_adaptor"):
         load_eventgpt(str(tmp_path / "eg"), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("role", ["target", "drafter"])
+def test_packed_turns_equal_single_turn_prompts(tiny_run, role):
+    """Training packs every question of a clip after one visual prefix; each turn's loss must equal the
+    loss of that question asked alone (the inference prompt), so packing changes cost, not the objective."""
+    from featspec.crossmodal.scenes import WorldConfig
+    from featspec.crossmodal.train import qa_loss, qa_rows
+    from featspec.crossmodal.world import build_split
+
+    vlm = load_mini(tiny_run / role, torch.float32)
+    data = build_split(WorldConfig(), "train", 2, progress=False)
+    packed = qa_rows(vlm, data, [0, 1], step=3, seed=0)
+    assert all(len(spans) >= 4 for spans in packed["turns"])
+    total, tokens = 0.0, 0
+    for r, spans in enumerate(packed["turns"]):
+        for a, p, b in spans:
+            ids = torch.cat([packed["input_ids"][r, : packed["prefix"]], packed["input_ids"][r, a:b]])
+            single = {"input_ids": ids[None], "prefix": packed["prefix"],
+                      "turns": [[(packed["prefix"], packed["prefix"] + p - a, len(ids))]],
+                      "pixels": packed["pixels"][r: r + 1]}
+            with torch.no_grad():
+                total += float(qa_loss(vlm, single)) * (b - p)
+            tokens += b - p
+    with torch.no_grad():
+        joint = float(qa_loss(vlm, packed))
+    assert joint == pytest.approx(total / tokens, rel=1e-4)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--n-train", type=int, default=None, help="training clips (default 3000; --tiny 24)")
     p.add_argument("--seed", type=int, default=0, help="world seed: a different seed is a different distribution")
     p.add_argument("--probe-steps", type=int, default=None, help="vision-tower pre-training steps per model (default 400)")
-    p.add_argument("--qa-steps", type=int, default=None, help="target QA steps, batch 8 (default 600; the drafter gets 1.5x)")
+    p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 500; the drafter gets 1.2x)")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
         e = xs.add_parser(name, help=helptext)
@@ -125,7 +125,7 @@ def run(args) -> int:
         if args.qa_steps is not None:
             if args.qa_steps < 1:
                 raise FeatspecError(f"--qa-steps must be >= 1, got {args.qa_steps}")
-            cfg.qa_steps = {"video": args.qa_steps, "events": (3 * args.qa_steps + 1) // 2}
+            cfg.qa_steps = {"video": args.qa_steps, "events": (6 * args.qa_steps + 4) // 5}
         if args.n_train is not None:
             if args.n_train < 8:
                 raise FeatspecError(f"--n-train must be >= 8, got {args.n_train}")

@@ -32,8 +32,8 @@ class PrepareConfig:
     n_train: int = 3000
     probe_steps: int = 400
     probe_batch: int = 32
-    qa_steps: dict = field(default_factory=lambda: {"video": 600, "events": 900})
-    qa_batch: int = 8
+    qa_steps: dict = field(default_factory=lambda: {"video": 500, "events": 600})
+    qa_batch: int = 4  # clips per step; each packs all of its ~6 questions
     lr: float = 1e-3
     checkpoint_every: int = 50
     seed: int = 0
@@ -51,7 +51,8 @@ class PrepareConfig:
 
 def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int) -> dict[str, torch.Tensor]:
     """Per image and patch: colour and shape of the object whose centre lies there (0 = none), the centre's
-    offset inside the patch, and per image the object count. Local labels teach a from-scratch tower where
+    offset inside the patch and in the image (so tokens state where an object is, which direction answers
+    compare across frames), and per image the object count. Local labels teach a from-scratch tower where
     things are far faster than clip-level labels; events get no colour (they carry none)."""
     from featspec.crossmodal.scenes import object_centres, render_timeline, video_frame_indices
 
@@ -64,7 +65,7 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
     n, f = len(scenes), len(times)
     colour = np.zeros((n, f, g * g), dtype=np.int64)
     shape = np.zeros((n, f, g * g), dtype=np.int64)
-    offset = np.zeros((n, f, g * g, 2), dtype=np.float32)
+    offset = np.zeros((n, f, g * g, 4), dtype=np.float32)
     count = np.zeros(n, dtype=np.int64)
     for i, sc in enumerate(scenes):
         centres = object_centres(world, sc, times)
@@ -75,7 +76,7 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
             rows = np.arange(f)
             colour[i, rows, cell] = world.colours.index(o.colour) + 1 if kind == "video" else 0
             shape[i, rows, cell] = world.shapes.index(o.shape) + 1
-            offset[i, rows, cell] = centres[:, k] / patch - px
+            offset[i, rows, cell] = np.concatenate([centres[:, k] / patch - px, centres[:, k] / world.size], axis=1)
     return {"colour": torch.from_numpy(colour), "shape": torch.from_numpy(shape), "offset": torch.from_numpy(offset),
             "count": torch.from_numpy(count)}
 
@@ -85,7 +86,7 @@ class DenseProbe(nn.Module):
 
     def __init__(self, dim: int, world: WorldConfig) -> None:
         super().__init__()
-        self.sizes = (len(world.colours) + 1, len(world.shapes) + 1, 2)
+        self.sizes = (len(world.colours) + 1, len(world.shapes) + 1, 4)
         self.patch = nn.Linear(dim, sum(self.sizes))
         self.cls = nn.Linear(dim, world.max_objects)
 
@@ -119,45 +120,70 @@ def tower_tokens(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
 # ---------- QA batches ----------
 
 def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int) -> dict[str, torch.Tensor]:
-    """Prompt + answer + EOS per clip (a question kind drawn per step), right-padded, with answer targets."""
+    """One row per clip: the visual prefix once, then every question kind of the clip as its own turn.
+
+    `qa_loss` masks attention so each turn sees the prefix and itself only, with positions restarting
+    after the prefix: each turn is exactly the single-turn prompt + answer seen at inference, but the
+    visual tokens are computed once for all of a clip's questions (about 3x the answers per second)."""
     rng = np.random.default_rng([seed, step, 17])
-    seqs, starts = [], []
+    prefix = vlm.prefix_ids()
+    seqs, turns = [], []
     for i in idx:
-        qas = questions(data.scenes[i], seed=int(rng.integers(1 << 30)))
-        qa = qas[int(rng.integers(len(qas)))]
-        prompt = vlm.prompt_ids(qa.question)
-        answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
-        seqs.append(prompt + answer)
-        starts.append(len(prompt))
+        seq, spans = list(prefix), []
+        for qa in questions(data.scenes[i], seed=int(rng.integers(1 << 30))):
+            prompt = vlm.turn_ids(qa.question)
+            answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
+            spans.append((len(seq), len(seq) + len(prompt), len(seq) + len(prompt) + len(answer)))
+            seq += prompt + answer
+        seqs.append(seq)
+        turns.append(spans)
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), vlm.eos_ids[0], dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
     images = data.frames[idx] if vlm.kind == "video" else data.event_images[idx]
-    return {"input_ids": ids, "attention_mask": mask, "starts": torch.tensor(starts),
-            "lengths": torch.tensor([len(s) for s in seqs]), "pixels": to_pixels(images, vlm.image_size)}
+    return {"input_ids": ids, "prefix": len(prefix), "turns": turns, "pixels": to_pixels(images, vlm.image_size)}
 
 
-def qa_loss(vlm: VLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy on answer tokens only, logits computed just where they are needed."""
+def turn_mask(rows: int, width: int, prefix: int, turns: list[list[tuple[int, int, int]]], dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive (rows, 1, width, width) mask and position ids for `qa_rows` layout (indices already shifted
+    for an expanded placeholder): causal in the prefix, each turn sees the prefix and its own past, padding
+    sees itself."""
+    allow = torch.zeros(rows, width, width, dtype=torch.bool)
+    pos = torch.arange(width).repeat(rows, 1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allow[:, :prefix, :prefix] = causal[:prefix, :prefix]
+    for r, spans in enumerate(turns):
+        end = prefix
+        for a, _, b in spans:
+            allow[r, a:b, :prefix] = True
+            allow[r, a:b, a:b] = causal[: b - a, : b - a]
+            pos[r, a:b] = torch.arange(prefix, prefix + b - a)
+            end = b
+        allow[r, end:, end:] = torch.eye(width - end, dtype=torch.bool)
+    mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)
+    return mask[:, None], pos
+
+
+def qa_loss(vlm: VLM, batch: dict) -> torch.Tensor:
+    """Cross-entropy on answer tokens only (mean over every answer token of the batch)."""
     inputs = {"input_ids": batch["input_ids"], vlm.pixel_key: batch["pixels"]}
     emb = vlm.embeds(inputs)
     shift = emb.shape[1] - batch["input_ids"].shape[1]  # the event placeholder expands into many tokens
-    mask = batch["attention_mask"]
-    if shift:
-        mask = torch.cat([torch.ones(mask.shape[0], shift, dtype=mask.dtype), mask], dim=1)
+    turns = [[(a + shift, p + shift, b + shift) for a, p, b in spans] for spans in batch["turns"]]
+    mask, pos = turn_mask(emb.shape[0], emb.shape[1], batch["prefix"] + shift, turns, emb.dtype)
     lang = vlm.model.model.language_model if vlm.kind == "video" else vlm.model.model
-    hidden = lang(inputs_embeds=emb, attention_mask=mask).last_hidden_state
-    rows, cols, tgts = [], [], []
-    for r in range(len(batch["starts"])):
-        s, n = int(batch["starts"][r]), int(batch["lengths"][r])
-        pos = torch.arange(s - 1, n - 1)
-        rows.append(torch.full_like(pos, r)); cols.append(pos + shift); tgts.append(batch["input_ids"][r, s:n])
-    h = hidden[torch.cat(rows), torch.cat(cols)]
-    logits = vlm.model.lm_head(h).float()
-    return nn.functional.cross_entropy(logits, torch.cat(tgts))
+    hidden = lang(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+    rows, cols = [], []
+    for r, spans in enumerate(turns):
+        for _, p, b in spans:
+            cols.append(torch.arange(p - 1, b - 1))
+            rows.append(torch.full_like(cols[-1], r))
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    ids = torch.cat([torch.full((emb.shape[0], shift), -1, dtype=torch.long), batch["input_ids"]], dim=1)
+    logits = vlm.model.lm_head(hidden[rows, cols]).float()
+    return nn.functional.cross_entropy(logits, ids[rows, cols + 1])
 
 
 # ---------- the resumable loop ----------
@@ -231,10 +257,10 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
             opt.step()
             sched.step()
             state["step"] += 1
-            state["losses"][stage].append(round(float(loss), 5))
+            state["losses"][stage].append(round(loss.item(), 5))
             state["seconds"] += time.time() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if state["step"] == total:
                 state = {**state, "stage": "qa" if stage == "probe" else "done", "step": 0 if stage == "probe" else total}
                 _save(ckpt, vlm, probe, None, None, state)  # the next stage starts a fresh optimizer

@@ -68,15 +68,20 @@ class VLM:
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """Prompt ids with the visual placeholder(s): one -200 (events) or one video id per visual token."""
-        before, after = self.template.split("{visual}")
-        if self.kind == "video":
-            visual = [self.model.config.video_token_id] * self.visual_tokens
-        else:
-            visual = [EVENT_TOKEN_INDEX]
+    def prefix_ids(self) -> list[int]:
+        """The prompt up to and including the visual placeholder(s): one -200 (events) or one video id per
+        visual token. Every question of a clip shares it."""
+        before = self.template.split("{visual}")[0]
+        visual = [self.model.config.video_token_id] * self.visual_tokens if self.kind == "video" else [EVENT_TOKEN_INDEX]
         bos = [self.tokenizer.bos_token_id] if self.add_bos and self.tokenizer.bos_token_id is not None else []
-        return bos + self._text_ids(before) + visual + self._text_ids(after.format(question=question))
+        return bos + self._text_ids(before) + visual
+
+    def turn_ids(self, question: str) -> list[int]:
+        """The prompt after the visual placeholder: the question and the assistant header."""
+        return self._text_ids(self.template.split("{visual}")[1].format(question=question))
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.prefix_ids() + self.turn_ids(question)
 
     def inputs(self, images: np.ndarray, question: str, device=None) -> dict[str, torch.Tensor]:
         device = device or next(self.model.parameters()).device
