@@ -100,6 +100,9 @@ class SpeculativeGenerator:
         wants_hidden = bool(getattr(self.drafter, "wants_hidden", False))
 
         t0 = _clock(device)
+        begin = getattr(self.drafter, "begin", None)
+        if begin is not None:  # a drafter may start work (its own prefill) that overlaps the target's
+            begin(prompt_ids)
         pre = self.target.prefill(prompt_ids, hidden=wants_hidden, extra=prefill_inputs)
         first = select_token(pre.logits[-1], sampling, generator)
         self.drafter.start(prompt_ids, pre)

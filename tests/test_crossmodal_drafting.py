@@ -84,16 +84,16 @@ class OracleAdapter(Adapter):
         return out.expand(1, feats.shape[1], -1)
 
 
-def _run(target, drafter, data, i, adapter, length=3):
+def _run(target, drafter, data, i, adapter, length=3, parallel=False):
     qa = question_for(data.scenes[i], i)
     ref = target.generate(data.frames[i], qa.question, 12)
     inputs = target.inputs(data.frames[i], qa.question)
     d = CrossModalDrafter(drafter, drafter.prompt_ids(qa.question), to_pixels(data.event_images[i], drafter.image_size)[None],
-                          target.model.lm_head, adapter, length, target.model.config.video_token_id)
+                          target.model.lm_head, adapter, length, target.model.config.video_token_id, parallel=parallel)
     gen = SpeculativeGenerator(TargetModel(target.model), d, target.eos_ids)
     out = gen.generate(inputs["input_ids"][0].tolist(), 12, prefill_inputs={"pixel_values_videos": inputs["pixel_values_videos"]})
     new = out.new_ids[:-1] if out.new_ids and out.new_ids[-1] in target.eos_ids else out.new_ids
-    return new, ref, out
+    return new, ref, out, d
 
 
 @pytest.mark.parametrize("level", [None, *LEVELS])
@@ -101,17 +101,42 @@ def test_greedy_output_is_the_targets(world, level):
     target, drafter, data, pairs = world
     adapter = None if level is None else build_adapter(level, 576, 576, embed=target.model.get_input_embeddings()).eval()
     for i in (4, 5):
-        new, ref, _ = _run(target, drafter, data, i, adapter)
+        new, ref, _, _ = _run(target, drafter, data, i, adapter)
         assert new == ref
 
 
 def test_accepted_drafts_keep_the_drafter_in_sync(world):
     target, drafter, data, pairs = world
     seq = sequences(pairs)[0]
-    new, ref, out = _run(target, drafter, data, 0, OracleAdapter(seq["target"]))
+    new, ref, out, _ = _run(target, drafter, data, 0, OracleAdapter(seq["target"]))
     assert new == ref
     assert out.tau > 1.3  # the oracle positions were accepted
     assert any(s.accepted < s.tree_size - 1 for s in out.steps)  # and the noisy ones rejected
+
+
+@pytest.mark.parametrize("level", [None, "L1"])
+def test_parallel_prefill_is_exact_and_drafts_ahead(world, level):
+    target, drafter, data, pairs = world
+    adapter = None if level is None else build_adapter(level, 576, 576).eval()
+    for i in (4, 5):
+        new, ref, out, d = _run(target, drafter, data, i, adapter, parallel=True)
+        assert new == ref
+        assert set(d.timeline) == {"drafter_prefill", "draft_ahead", "wait_for_drafter"}
+
+
+def test_parallel_prefill_first_verify_checks_the_drafts_made_ahead(world):
+    """With an oracle adapter the drafts made during the target's prefill are right, so the first
+    verification accepts them although no drafting happened after the prefill."""
+    target, drafter, data, pairs = world
+    seq = sequences(pairs)[0]
+    new, ref, out, d = _run(target, drafter, data, 0, OracleAdapter(seq["target"]), parallel=True)
+    assert new == ref
+    first = out.steps[0]
+    assert first.tree_size == 4 and first.accepted >= 1
+    assert first.draft_s < d.timeline["draft_ahead"][1] - d.timeline["drafter_prefill"][0]
+    with pytest.raises(ValueError, match="L6"):
+        CrossModalDrafter(drafter, drafter.prompt_ids("q"), torch.zeros(1, 5, 3, 64, 64), target.model.lm_head,
+                          build_adapter("L6", 576, 576), 3, parallel=True)
 
 
 def test_adapter_save_load_roundtrip(tmp_path):

@@ -8,20 +8,26 @@ sync is ModelDrafter's: keep the prefix shared with the committed tokens, feed t
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
+
 from featspec.crossmodal.adapters import Adapter
 from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX
 from featspec.drafters.base import DraftContext
 from featspec.drafters.small_model import ModelDrafter
 from featspec.models.kv import truncate_cache
 from featspec.models.target import VerifyOutput
+from featspec.tree import DraftTree
 
 
 class CrossModalDrafter(ModelDrafter):
     name = "xmodal"
 
     def __init__(self, drafter, prompt_ids: list[int], event_pixels: torch.Tensor, target_head: torch.nn.Module,
-                 adapter: Adapter | None = None, draft_length: int = 4, video_token_id: int | None = None):
+                 adapter: Adapter | None = None, draft_length: int = 4, video_token_id: int | None = None,
+                 parallel: bool = False):
         super().__init__(drafter.model, draft_length)
         if prompt_ids.count(EVENT_TOKEN_INDEX) != 1:
             raise ValueError("the drafter prompt needs exactly one event placeholder (-200)")
@@ -36,11 +42,50 @@ class CrossModalDrafter(ModelDrafter):
         self.feats: list[torch.Tensor] = []  # drafter features of cached answer-region positions (history adapters)
         self.tokens_in: list[int] = []  # the token at each of those positions
         self.visual: torch.Tensor | None = None
+        if parallel and adapter is not None and adapter.needs_visual:
+            raise ValueError("parallel prefill cannot use L6: it reads the target's prefill, which is still running")
+        self.parallel = parallel
+        self.ahead: list[int] = []  # tokens drafted during the target's prefill, first one predicts its first token
+        self.timeline: dict[str, tuple[float, float]] = {}  # phase -> (start, end) perf_counter seconds
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """Called by the engine before the target's prefill: with `parallel`, prefill and draft ahead in a thread."""
+        if not self.parallel:
+            return
+        super().start(prompt_ids, None)
+        self.feats, self.tokens_in, self.ahead, self._error = [], [], [], None
+        t0 = time.perf_counter()
+
+        def work() -> None:
+            try:
+                logits = self._feed(self.prompt)
+                self.timeline["drafter_prefill"] = (t0, time.perf_counter())
+                for i in range(self.draft_length + 1):
+                    self.ahead.append(int(logits.argmax()))
+                    if i < self.draft_length:
+                        logits = self._feed([self.ahead[-1]])
+                self.timeline["draft_ahead"] = (self.timeline["drafter_prefill"][1], time.perf_counter())
+            except BaseException as e:  # re-raised in start(), on the engine's thread
+                self._error = e
+
+        self.timeline = {}
+        self._thread = threading.Thread(target=work, name="xmodal-parallel-prefill", daemon=True)
+        self._thread.start()
 
     def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
-        super().start(prompt_ids, prefill)
         self.offset = len(prompt_ids)
-        self.feats, self.tokens_in = [], []
+        if self._thread is not None:  # parallel prefill: wait for the drafter, keep its cache and drafts
+            wait = time.perf_counter()
+            self._thread.join()
+            self._thread = None
+            self.timeline["wait_for_drafter"] = (wait, time.perf_counter())
+            if self._error is not None:
+                raise self._error
+        else:
+            super().start(prompt_ids, prefill)
+            self.feats, self.tokens_in, self.ahead = [], [], []
         if self.adapter is not None and self.adapter.needs_visual:
             if prefill.hidden is None or self.video_token_id is None:
                 raise ValueError("L6 needs the target's prefill features: set wants_hidden and video_token_id")
@@ -50,6 +95,14 @@ class CrossModalDrafter(ModelDrafter):
     @property
     def wants_hidden(self) -> bool:  # only L6 reads the target's states (its visual tokens, once)
         return self.adapter is not None and self.adapter.needs_visual
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        """The first step after a parallel prefill proposes the drafts made ahead, if they start right."""
+        ahead, self.ahead = self.ahead, []
+        steps = min(self.draft_length, ctx.max_depth)
+        if ahead and steps >= 1 and len(ctx.tokens) == self.offset + 1 and ahead[0] == ctx.tokens[-1]:
+            return DraftTree.chain(ctx.tokens[-1], ahead[1: 1 + steps])
+        return super().propose(ctx)
 
     def _tokens(self, ctx: DraftContext) -> list[int]:
         return self.prompt + ctx.tokens[self.offset:]
