@@ -150,3 +150,21 @@ def test_adapter_save_load_roundtrip(tmp_path):
         x, tok, vis = torch.randn(1, 5, 64), torch.randint(0, 50, (1, 5)), torch.randn(1, 7, 64)
         assert torch.equal(a(x, tok, vis), b(x, tok, vis))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_path, capsys):
+    from featspec.cli import main
+
+    work = ["--models", str(tiny_run), "--work", str(tmp_path), "--dtype", "float32"]
+    assert main(["xmodal", "train-adapter", "--level", "L1", "--clips", "2", "--steps", "3", "--val-clips", "2", *work]) == 0
+    assert (tmp_path / "adapters" / "L1.pt").exists()
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["xmodal", "bench", "--limit", "2", "--max-new-tokens", "6", "--methods",
+                 "target,xmodal-token,xmodal-L1,xmodal-pp", "--json", str(out), "--png", str(png), *work]) == 0
+    res = __import__("json").loads(out.read_text())["methods"]
+    assert all(r["exact_match"] == 1.0 for r in res.values())
+    phases = {name for name, _, _ in res["xmodal-pp"]["timeline_first_clip"]}
+    assert {"drafter_prefill", "draft_ahead", "verification"} <= phases
+    assert png.stat().st_size > 10_000
+    assert main(["xmodal", "bench", "--methods", "target,xmodal-L3", *work]) == 2  # untrained level: clear error
+    assert "train-adapter --level L3" in capsys.readouterr().err

@@ -187,11 +187,11 @@ def adapter_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
     mse = (p - t).pow(2).mean()
     cos = nn.functional.cosine_similarity(p, t, dim=-1).mean()
     loss = mse + (1 - cos)
-    parts = {"mse": float(mse), "cos": float(cos)}
+    parts = {"mse": mse.item(), "cos": cos.item()}
     if ce_weight > 0 and lm_head is not None:
         with torch.no_grad():
             ref = torch.log_softmax(lm_head(t.to(lm_head.weight.dtype)).float(), -1).exp()
         ce = -(ref * torch.log_softmax(lm_head(p.to(lm_head.weight.dtype)).float(), -1)).sum(-1).mean()
         loss = loss + ce_weight * ce
-        parts["ce"] = float(ce)
+        parts["ce"] = ce.item()
     return loss, parts

@@ -17,15 +17,17 @@ from featspec.engine import SpeculativeGenerator
 from featspec.errors import FeatspecError
 from featspec.models.target import TargetModel
 
-METHODS = ("target", "xmodal-token", *(f"xmodal-{lv}" for lv in LEVELS))
+METHODS = ("target", "xmodal-token", *(f"xmodal-{lv}" for lv in LEVELS), "xmodal-pp")
+PP_LEVEL = "L1"  # the adapter parallel prefill drafts with (L6 cannot: it reads the target's prefill)
 
 
 def check_methods(methods: list[str], adapters: dict) -> None:
     for m in methods:
         if m not in METHODS:
             raise FeatspecError(f"unknown xmodal method '{m}': use some of {', '.join(METHODS)}")
-        if m.startswith("xmodal-L") and m[7:] not in adapters:
-            raise FeatspecError(f"no trained adapter for {m}: run `featspec xmodal train-adapter --level {m[7:]}`")
+        level = PP_LEVEL if m == "xmodal-pp" else m[7:]
+        if m.startswith("xmodal-") and m != "xmodal-token" and level not in adapters:
+            raise FeatspecError(f"no trained adapter for {m}: run `featspec xmodal train-adapter --level {level}`")
     if "target" not in methods:
         raise FeatspecError("--methods must include target: speedup and exact_match are measured against it")
 
@@ -37,18 +39,32 @@ def _one(method: str, target: VLM, drafter: VLM, adapters: dict, frames, events,
         t0 = time.perf_counter()
         ids = target.generate(frames, question, max_new)
         return {"ids": ids, "seconds": time.perf_counter() - t0, "steps": None}
-    adapter = None if method == "xmodal-token" else adapters[method[7:]]
+    adapter = None if method == "xmodal-token" else adapters[PP_LEVEL if method == "xmodal-pp" else method[7:]]
     d = CrossModalDrafter(drafter, drafter.prompt_ids(question), to_pixels(events, drafter.image_size)[None],
-                          target.model.lm_head, adapter, draft_length, target.model.config.video_token_id)
+                          target.model.lm_head, adapter, draft_length, target.model.config.video_token_id,
+                          parallel=method == "xmodal-pp")
     gen = SpeculativeGenerator(TargetModel(target.model), d, target.eos_ids)
     t0 = time.perf_counter()
     out = gen.generate(inputs["input_ids"][0].tolist(), max_new,
                        prefill_inputs={"pixel_values_videos": inputs["pixel_values_videos"]})
     seconds = time.perf_counter() - t0
     ids = out.new_ids[:-1] if out.new_ids and out.new_ids[-1] in target.eos_ids else out.new_ids
-    return {"ids": ids, "seconds": seconds, "steps": out.steps, "prefill_s": out.prefill_s,
+    return {"ids": ids, "seconds": seconds, "steps": out.steps, "prefill_s": out.prefill_s, "drafter_prefill_s": d.prefill_s,
+            "timeline": _timeline(out, d, t0),
             "committed": sum(s.committed for s in out.steps), "draft_s": sum(s.draft_s for s in out.steps),
             "verify_s": sum(s.verify_s for s in out.steps)}
+
+
+def _timeline(out, d: CrossModalDrafter, t0: float) -> list[tuple[str, float, float]]:
+    """(phase, start, end) in seconds from the call: target prefill, the drafter's overlapped phases, steps."""
+    phases = [("target prefill (+ drafter start)", 0.0, out.prefill_s)]
+    phases += [(name, a - t0, b - t0) for name, (a, b) in d.timeline.items()]
+    t = out.prefill_s
+    for s in out.steps:
+        phases.append(("drafting", t, t + s.draft_s))
+        phases.append(("verification", t + s.draft_s, t + s.draft_s + s.verify_s))
+        t += s.draft_s + s.verify_s + s.book_s
+    return phases
 
 
 def run_bench(target: VLM, drafter: VLM, adapters: dict, data: SplitData, methods: list[str], limit: int,
@@ -57,8 +73,9 @@ def run_bench(target: VLM, drafter: VLM, adapters: dict, data: SplitData, method
     from tqdm import tqdm
 
     check_methods(methods, adapters)
-    rec = {m: {"seconds": 0.0, "tokens": 0, "exact": 0, "steps": 0, "committed": 0, "prefill_s": 0.0, "draft_s": 0.0,
-               "verify_s": 0.0} for m in methods}
+    parts = ("prefill_s", "drafter_prefill_s", "draft_s", "verify_s")
+    rec = {m: {"seconds": 0.0, "tokens": 0, "exact": 0, "steps": 0, "committed": 0, "timeline": None,
+               **dict.fromkeys(parts, 0.0)} for m in methods}
     for i in tqdm(range(limit + warmup), desc="xmodal bench", disable=not progress):
         j = i % len(data.scenes)
         q = question_for(data.scenes[j], j).question
@@ -76,24 +93,60 @@ def run_bench(target: VLM, drafter: VLM, adapters: dict, data: SplitData, method
             if o["steps"] is not None:
                 r["steps"] += len(o["steps"])
                 r["committed"] += o["committed"]
-                for k in ("prefill_s", "draft_s", "verify_s"):
+                for k in parts:
                     r[k] += o[k]
+                if r["timeline"] is None:  # one clip's phases, for the timeline plot
+                    r["timeline"] = [(name, round(a, 4), round(b, 4)) for name, a, b in o["timeline"]]
     base = rec["target"]["tokens"] / rec["target"]["seconds"]
     result = {}
     for m, r in rec.items():
         tps = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
         result[m] = {"tokens_per_s": round(tps, 2), "speedup": round(tps / base, 3), "exact_match": r["exact"] / limit,
                      "tau": round(r["committed"] / r["steps"], 3) if r["steps"] else None,
-                     "time_breakdown_s": {k: round(r[k], 3) for k in ("prefill_s", "draft_s", "verify_s")},
-                     "seconds": round(r["seconds"], 3), "tokens": r["tokens"]}
+                     "time_breakdown_s": {k: round(r[k], 3) for k in parts},
+                     "seconds": round(r["seconds"], 3), "tokens": r["tokens"], "timeline_first_clip": r["timeline"]}
     return result
 
 
 def markdown(result: dict) -> str:
-    lines = ["| method | tok/s | speedup | tau | exact | target prefill s | drafting s | verify s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | tok/s | speedup | tau | exact | target prefill s | drafter prefill s | drafting s | verify s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, r in result.items():
         tb = r["time_breakdown_s"]
         tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
         lines.append(f"| {m} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {tau} | {r['exact_match']:.2f} | "
-                     f"{tb['prefill_s']:.2f} | {tb['draft_s']:.2f} | {tb['verify_s']:.2f} |")
+                     f"{tb['prefill_s']:.2f} | {tb['drafter_prefill_s']:.2f} | {tb['draft_s']:.2f} | {tb['verify_s']:.2f} |")
     return "\n".join(lines)
+
+
+def plot(result: dict, path: Path, title: str = "") -> None:
+    """Speedup and tau per method, and the phases of one clip for each drafting method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result)
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [1, 1, 2]})
+    a1.bar(methods, [result[m]["speedup"] for m in methods], color="tab:blue")
+    a1.axhline(1.0, color="grey", lw=0.8)
+    a1.set_title("speedup vs target (same run)")
+    a2.bar(methods, [result[m]["tau"] or 0 for m in methods], color="tab:orange")
+    a2.set_title("tau (tokens per verification)")
+    for a in (a1, a2):
+        a.tick_params(axis="x", rotation=60)
+    colours = {"drafting": "tab:green", "verification": "tab:red"}
+    rows = [m for m in methods if result[m]["timeline_first_clip"]]
+    for y, m in enumerate(rows):
+        for name, start, end in result[m]["timeline_first_clip"]:
+            lane = y + (0.3 if name in ("drafter_prefill", "draft_ahead", "wait_for_drafter") else 0.0)
+            a3.barh(lane, end - start, left=start, height=0.25, color=colours.get(name, "tab:purple" if "drafter" in name
+                    or name == "draft_ahead" else "tab:grey"))
+    a3.set_yticks(range(len(rows)), rows)
+    a3.set_xlabel("seconds (first measured clip); grey target prefill, purple drafter's overlapped work, green drafting, red verify")
+    a3.set_title("timeline of one clip")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -58,6 +58,7 @@ def add_drafting_parsers(xs) -> None:
     t.add_argument("--level", choices=LEVELS, required=True)
     t.add_argument("--clips", type=int, default=600, help="train clips to align (default 600; cached per count)")
     t.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    t.add_argument("--val-clips", type=int, default=50, help="val clips the saved adapter is scored on (default 50)")
     t.add_argument("--ce-weight", type=float, default=0.0, help="add soft CE through the target's LM head (default 0)")
     a = xs.add_parser("adapters", help="the adapter table: cosine, Accept@t and top-1 agreement per level vs raw tokens")
     _add_work_args(a)
@@ -72,6 +73,7 @@ def add_drafting_parsers(xs) -> None:
     b.add_argument("--draft-length", type=int, default=4, help="draft chain length per step (default 4)")
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--json", default="xmodal-bench.json")
+    b.add_argument("--png", default=None, help="also plot speedup, tau and one clip's timeline per method here")
 
 
 def _work(args) -> Path:
@@ -90,10 +92,15 @@ def _adapter_dir(args) -> Path:
 
 def _pairs(args, target, drafter, world, split: str, n: int):
     """Aligned pairs for the first n clips of a split, computed once per (models, split, n) and cached."""
+    import hashlib
+
     from featspec.crossmodal.align import align, estimate_bytes, save_pairs
     from featspec.crossmodal.world import build_split
 
-    path = _work(args) / "pairs" / f"{split}-{n}.pt"
+    weights = _models(args) / "target" / "weights.safetensors"
+    stamp = f"{weights.resolve()}:{weights.stat().st_mtime_ns}" if weights.exists() else str(weights)
+    key = hashlib.sha256(f"{stamp}:{args.dtype}".encode()).hexdigest()[:10]  # new models or dtype, new pairs
+    path = _work(args) / "pairs" / f"{split}-{n}-{key}.pt"
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=False)
     size = estimate_bytes(n, 20, drafter.model.config.hidden_size, target.model.config.text_config.hidden_size,
@@ -168,12 +175,12 @@ def run_drafting(args) -> int:
     target, drafter, world = load_pair(_models(args), dtype)
     embed = target.model.get_input_embeddings()
     if args.xmodal_command == "train-adapter":
-        if args.clips < 2 or args.steps < 1:
-            raise FeatspecError("--clips must be >= 2 and --steps >= 1")
+        if args.clips < 2 or args.steps < 1 or args.val_clips < 1:
+            raise FeatspecError("--clips must be >= 2, --steps and --val-clips >= 1")
         pairs = _pairs(args, target, drafter, world, "train", args.clips)
         adapter, losses = train_adapter(args.level, pairs, target.model.lm_head, embed, steps=args.steps,
                                         ce_weight=args.ce_weight)
-        stats = measure(adapter, _pairs(args, target, drafter, world, "val", 50), target.model.lm_head, drafter.model.lm_head)
+        stats = measure(adapter, _pairs(args, target, drafter, world, "val", args.val_clips), target.model.lm_head, drafter.model.lm_head)
         out = _work(args) / "adapters" / f"{args.level}.pt"
         save_adapter(adapter, out, {"clips": args.clips, "steps": args.steps, "ce_weight": args.ce_weight,
                                     "final_loss": sum(losses[-20:]) / len(losses[-20:]), "val": stats})
@@ -197,7 +204,7 @@ def run_drafting(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"split": args.split, "limit": args.limit, "levels": table}, indent=1))
         return 0
-    from featspec.crossmodal.bench import markdown, run_bench
+    from featspec.crossmodal.bench import markdown, plot, run_bench
     from featspec.crossmodal.world import build_split
 
     if args.limit < 1 or args.draft_length < 1:
@@ -211,4 +218,7 @@ def run_drafting(args) -> int:
     Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "func"},
                                            "methods": result}, indent=1, default=str))
     print(f"wrote {args.json}")
+    if args.png:
+        plot(result, Path(args.png), f"xmodal bench: {args.split}, {args.limit} clips, {args.dtype}")
+        print(f"wrote {args.png}")
     return 0

@@ -45,6 +45,7 @@ class CrossModalDrafter(ModelDrafter):
         if parallel and adapter is not None and adapter.needs_visual:
             raise ValueError("parallel prefill cannot use L6: it reads the target's prefill, which is still running")
         self.parallel = parallel
+        self.prefill_s = 0.0  # time in the drafter's own prefill forwards (inside drafting, or overlapped)
         self.ahead: list[int] = []  # tokens drafted during the target's prefill, first one predicts its first token
         self.timeline: dict[str, tuple[float, float]] = {}  # phase -> (start, end) perf_counter seconds
         self._thread: threading.Thread | None = None
@@ -117,9 +118,11 @@ class CrossModalDrafter(ModelDrafter):
     def _feed(self, ids: list[int]) -> torch.Tensor:
         model = self.vlm.model
         if not self.cached:  # prefill: the event prompt (plus any committed tokens) in one forward
+            t0 = time.perf_counter()
             x = torch.tensor([ids], device=self.device)
             emb = model.embed_with_events(x, self.pixels.to(self.device))
             out = model.model(inputs_embeds=emb, past_key_values=self.cache, use_cache=True)
+            self.prefill_s += time.perf_counter() - t0
             first = len(self.prompt) - 1  # features from the last prompt position on
             h = out.last_hidden_state[0, first + self.expand:]
             fed = ids[first:]
