@@ -158,9 +158,11 @@ def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_p
     work = ["--models", str(tiny_run), "--work", str(tmp_path), "--dtype", "float32"]
     assert main(["xmodal", "train-adapter", "--level", "L1", "--clips", "2", "--steps", "3", "--val-clips", "2", *work]) == 0
     assert (tmp_path / "adapters" / "L1.pt").exists()
+    assert main(["xmodal", "train-eagle3", "--clips", "8", "--steps", "2", *work]) == 0
+    assert (tmp_path / "adapters" / "eagle3" / "config.json").exists()
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     assert main(["xmodal", "bench", "--limit", "2", "--max-new-tokens", "6", "--methods",
-                 "target,xmodal-token,xmodal-L1,xmodal-pp", "--json", str(out), "--png", str(png), *work]) == 0
+                 "target,eagle3,xmodal-token,xmodal-L1,xmodal-pp,hybrid", "--json", str(out), "--png", str(png), *work]) == 0
     res = __import__("json").loads(out.read_text())["methods"]
     assert all(r["exact_match"] == 1.0 for r in res.values())
     phases = {name for name, _, _ in res["xmodal-pp"]["timeline_first_clip"]}
@@ -168,3 +170,24 @@ def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_p
     assert png.stat().st_size > 10_000
     assert main(["xmodal", "bench", "--methods", "target,xmodal-L3", *work]) == 2  # untrained level: clear error
     assert "train-adapter --level L3" in capsys.readouterr().err
+
+
+def test_hybrid_drafts_cross_modal_first_then_with_the_targets_head(world, tmp_path):
+    from featspec.crossmodal.bench import Kit, make_drafter
+    from featspec.crossmodal.eagle_head import train_target_head
+    from featspec.formats import load_head
+
+    target, drafter, data, pairs = world
+    train_target_head(target, data, tmp_path, tmp_path / "head", steps=2, batch_size=2, progress=False)
+    head = load_head(tmp_path / "head").bind(target.model)
+    kit = Kit(target, drafter, {"L1": build_adapter("L1", 576, 576).eval()}, head, 3)
+    for i in (2, 3):
+        qa = question_for(data.scenes[i], i)
+        ref = target.generate(data.frames[i], qa.question, 10)
+        d = make_drafter("hybrid", kit, qa.question, data.event_images[i])
+        inputs = target.inputs(data.frames[i], qa.question)
+        out = SpeculativeGenerator(TargetModel(target.model), d, target.eos_ids).generate(
+            inputs["input_ids"][0].tolist(), 10, prefill_inputs={"pixel_values_videos": inputs["pixel_values_videos"]})
+        new = out.new_ids[:-1] if out.new_ids and out.new_ids[-1] in target.eos_ids else out.new_ids
+        assert new == ref
+        assert len(d.used) > 1 and d.used[0] == "xmodal" and set(d.used[1:]) == {"eagle3"}

@@ -56,7 +56,7 @@ def train_adapter(level: str, pairs: dict[str, torch.Tensor], lm_head: nn.Linear
         nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     adapter.eval()
     return adapter, losses
 

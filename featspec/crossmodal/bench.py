@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,52 +13,80 @@ from featspec.crossmodal.qa import question_for
 from featspec.crossmodal.vlm import VLM, to_pixels
 from featspec.crossmodal.world import SplitData
 from featspec.drafters.crossmodal import CrossModalDrafter
+from featspec.drafters.eagle import FeatureDrafter
+from featspec.drafters.hybrid import HybridDrafter
 from featspec.engine import SpeculativeGenerator
 from featspec.errors import FeatspecError
 from featspec.models.target import TargetModel
 
-METHODS = ("target", "xmodal-token", *(f"xmodal-{lv}" for lv in LEVELS), "xmodal-pp")
+METHODS = ("target", "eagle3", "xmodal-token", *(f"xmodal-{lv}" for lv in LEVELS), "xmodal-pp", "hybrid")
 PP_LEVEL = "L1"  # the adapter parallel prefill drafts with (L6 cannot: it reads the target's prefill)
+EAGLE_TREE = {"depth": 5, "topk": 4, "total_tokens": 10}  # EAGLE-2 dynamic tree for the target's own head
 
 
-def check_methods(methods: list[str], adapters: dict) -> None:
+@dataclass
+class Kit:
+    """Everything the methods draft with: the two minis, trained adapters, the target's EAGLE-3 head."""
+
+    target: VLM
+    drafter: VLM
+    adapters: dict = field(default_factory=dict)
+    head: object | None = None
+    draft_length: int = 4
+
+
+def check_methods(methods: list[str], kit: Kit) -> None:
     for m in methods:
         if m not in METHODS:
             raise FeatspecError(f"unknown xmodal method '{m}': use some of {', '.join(METHODS)}")
-        level = PP_LEVEL if m == "xmodal-pp" else m[7:]
-        if m.startswith("xmodal-") and m != "xmodal-token" and level not in adapters:
+        level = PP_LEVEL if m in ("xmodal-pp", "hybrid") else m[7:]
+        if (m.startswith("xmodal-") and m != "xmodal-token" or m == "hybrid") and level not in kit.adapters:
             raise FeatspecError(f"no trained adapter for {m}: run `featspec xmodal train-adapter --level {level}`")
+        if m in ("eagle3", "hybrid") and kit.head is None:
+            raise FeatspecError(f"{m} needs the target's EAGLE-3 head: run `featspec xmodal train-eagle3`")
     if "target" not in methods:
         raise FeatspecError("--methods must include target: speedup and exact_match are measured against it")
 
 
-def _one(method: str, target: VLM, drafter: VLM, adapters: dict, frames, events, question: str, max_new: int,
-         draft_length: int) -> dict:
+def make_drafter(method: str, kit: Kit, question: str, events):
+    """The engine drafter of a method (not `target`, which runs HF generate)."""
+    t, d = kit.target, kit.drafter
+    if method == "eagle3":
+        return FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE)
+    parallel = method in ("xmodal-pp", "hybrid")
+    adapter = None if method == "xmodal-token" else kit.adapters[PP_LEVEL if parallel else method[7:]]
+    xm = CrossModalDrafter(d, d.prompt_ids(question), to_pixels(events, d.image_size)[None], t.model.lm_head, adapter,
+                           kit.draft_length, t.model.config.video_token_id, parallel=parallel)
+    if method == "hybrid":
+        return HybridDrafter(xm, FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE))
+    return xm
+
+
+def _one(method: str, kit: Kit, frames, events, question: str, max_new: int) -> dict:
+    target = kit.target
     inputs = target.inputs(frames, question)
     if method == "target":
         t0 = time.perf_counter()
         ids = target.generate(frames, question, max_new)
         return {"ids": ids, "seconds": time.perf_counter() - t0, "steps": None}
-    adapter = None if method == "xmodal-token" else adapters[PP_LEVEL if method == "xmodal-pp" else method[7:]]
-    d = CrossModalDrafter(drafter, drafter.prompt_ids(question), to_pixels(events, drafter.image_size)[None],
-                          target.model.lm_head, adapter, draft_length, target.model.config.video_token_id,
-                          parallel=method == "xmodal-pp")
+    d = make_drafter(method, kit, question, events)
     gen = SpeculativeGenerator(TargetModel(target.model), d, target.eos_ids)
     t0 = time.perf_counter()
     out = gen.generate(inputs["input_ids"][0].tolist(), max_new,
                        prefill_inputs={"pixel_values_videos": inputs["pixel_values_videos"]})
     seconds = time.perf_counter() - t0
     ids = out.new_ids[:-1] if out.new_ids and out.new_ids[-1] in target.eos_ids else out.new_ids
-    return {"ids": ids, "seconds": seconds, "steps": out.steps, "prefill_s": out.prefill_s, "drafter_prefill_s": d.prefill_s,
-            "timeline": _timeline(out, d, t0),
+    xm = d.first if isinstance(d, HybridDrafter) else d if isinstance(d, CrossModalDrafter) else None
+    return {"ids": ids, "seconds": seconds, "steps": out.steps, "prefill_s": out.prefill_s,
+            "drafter_prefill_s": xm.prefill_s if xm else 0.0, "timeline": _timeline(out, xm, t0),
             "committed": sum(s.committed for s in out.steps), "draft_s": sum(s.draft_s for s in out.steps),
             "verify_s": sum(s.verify_s for s in out.steps)}
 
 
-def _timeline(out, d: CrossModalDrafter, t0: float) -> list[tuple[str, float, float]]:
+def _timeline(out, d: CrossModalDrafter | None, t0: float) -> list[tuple[str, float, float]]:
     """(phase, start, end) in seconds from the call: target prefill, the drafter's overlapped phases, steps."""
     phases = [("target prefill (+ drafter start)", 0.0, out.prefill_s)]
-    phases += [(name, a - t0, b - t0) for name, (a, b) in d.timeline.items()]
+    phases += [(name, a - t0, b - t0) for name, (a, b) in (d.timeline.items() if d is not None else ())]
     t = out.prefill_s
     for s in out.steps:
         phases.append(("drafting", t, t + s.draft_s))
@@ -67,12 +95,12 @@ def _timeline(out, d: CrossModalDrafter, t0: float) -> list[tuple[str, float, fl
     return phases
 
 
-def run_bench(target: VLM, drafter: VLM, adapters: dict, data: SplitData, methods: list[str], limit: int,
-              max_new_tokens: int = 64, draft_length: int = 4, warmup: int = 1, progress: bool = True) -> dict:
+def run_bench(kit: Kit, data: SplitData, methods: list[str], limit: int, max_new_tokens: int = 64, warmup: int = 1,
+              progress: bool = True) -> dict:
     """Every method on every clip, the order rotating per clip, after `warmup` clips run and discarded."""
     from tqdm import tqdm
 
-    check_methods(methods, adapters)
+    check_methods(methods, kit)
     parts = ("prefill_s", "drafter_prefill_s", "draft_s", "verify_s")
     rec = {m: {"seconds": 0.0, "tokens": 0, "exact": 0, "steps": 0, "committed": 0, "timeline": None,
                **dict.fromkeys(parts, 0.0)} for m in methods}
@@ -80,8 +108,7 @@ def run_bench(target: VLM, drafter: VLM, adapters: dict, data: SplitData, method
         j = i % len(data.scenes)
         q = question_for(data.scenes[j], j).question
         order = methods[i % len(methods):] + methods[: i % len(methods)]
-        outs = {m: _one(m, target, drafter, adapters, data.frames[j], data.event_images[j], q, max_new_tokens, draft_length)
-                for m in order}
+        outs = {m: _one(m, kit, data.frames[j], data.event_images[j], q, max_new_tokens) for m in order}
         if i < warmup:
             continue
         ref = outs["target"]["ids"]

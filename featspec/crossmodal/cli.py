@@ -60,6 +60,10 @@ def add_drafting_parsers(xs) -> None:
     t.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
     t.add_argument("--val-clips", type=int, default=50, help="val clips the saved adapter is scored on (default 50)")
     t.add_argument("--ce-weight", type=float, default=0.0, help="add soft CE through the target's LM head (default 0)")
+    e = xs.add_parser("train-eagle3", help="train an EAGLE-3 head on the video target's own features (option D, hybrid)")
+    _add_work_args(e)
+    e.add_argument("--clips", type=int, default=3000, help="train clips (default 3000; every question kind of each)")
+    e.add_argument("--steps", type=int, default=400, help="optimizer steps, batch 8 (default 400; resumes)")
     a = xs.add_parser("adapters", help="the adapter table: cosine, Accept@t and top-1 agreement per level vs raw tokens")
     _add_work_args(a)
     a.add_argument("--split", choices=SPLIT_CHOICES, default="test")
@@ -186,6 +190,17 @@ def run_drafting(args) -> int:
                                     "final_loss": sum(losses[-20:]) / len(losses[-20:]), "val": stats})
         print(f"{args.level}: val top-1 {stats['top1']:.3f}, cosine {stats['cosine']:.3f}, {stats['params']} params; wrote {out}")
         return 0
+    if args.xmodal_command == "train-eagle3":
+        from featspec.crossmodal.eagle_head import train_target_head
+        from featspec.crossmodal.world import build_split
+
+        if args.clips < 8 or args.steps < 1:
+            raise FeatspecError("--clips must be >= 8 and --steps >= 1")
+        head_dir = _work(args) / "adapters" / "eagle3"
+        rec = train_target_head(target, build_split(world, "train", args.clips), _work(args) / "target-eagle3", head_dir,
+                                steps=args.steps)
+        print(f"eagle3 head: {rec}; wrote {head_dir}")
+        return 0
     adir = _adapter_dir(args)
     adapters = {lv: load_adapter(adir / f"{lv}.pt", embed) for lv in LEVELS if (adir / f"{lv}.pt").exists()}
     if args.xmodal_command == "adapters":
@@ -204,7 +219,7 @@ def run_drafting(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"split": args.split, "limit": args.limit, "levels": table}, indent=1))
         return 0
-    from featspec.crossmodal.bench import markdown, plot, run_bench
+    from featspec.crossmodal.bench import Kit, markdown, plot, run_bench
     from featspec.crossmodal.world import build_split
 
     if args.limit < 1 or args.draft_length < 1:
@@ -212,8 +227,13 @@ def run_drafting(args) -> int:
     for ad in adapters.values():
         ad.to(dtype)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    result = run_bench(target, drafter, adapters, build_split(world, args.split, args.limit + 1), methods, args.limit,
-                       args.max_new_tokens, args.draft_length)
+    head = None
+    if (adir / "eagle3" / "config.json").exists():
+        from featspec.formats import load_head
+
+        head = load_head(adir / "eagle3", dtype=dtype).bind(target.model)
+    kit = Kit(target, drafter, adapters, head, args.draft_length)
+    result = run_bench(kit, build_split(world, args.split, args.limit + 1), methods, args.limit, args.max_new_tokens)
     print(markdown(result))
     Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "func"},
                                            "methods": result}, indent=1, default=str))

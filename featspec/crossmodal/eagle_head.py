@@ -1,0 +1,104 @@
+"""Option D: an EAGLE-3 head for the video target itself, trained on its own features over the clips.
+
+The head reads the target's fused low/mid/high hidden states at every position, visual positions
+included (their token is the video placeholder id, exactly what the engine feeds at run time), and is
+trained with the same EAGLE-3 loss as text heads (training-time test, soft CE against the target's own
+distribution). The texts are the world's reference answers: the loss targets are the target's
+distributions on them, so no generation is needed and every train clip and question kind can be used.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featspec.crossmodal.align import atomic_torch_save
+from featspec.crossmodal.qa import questions
+from featspec.crossmodal.vlm import VLM, to_pixels
+from featspec.crossmodal.world import SplitData
+from featspec.train.data import Example, collate
+from featspec.train.losses import TargetBatch
+from featspec.train.trainer import HeadLoss, TrainConfig, build_head, lr_lambda
+
+
+def clip_examples(target: VLM, data: SplitData, seed: int = 0) -> list[tuple[int, Example]]:
+    """(clip, prompt + reference answer + EOS) for every question kind of every clip; loss on the answer."""
+    out = []
+    for i, scene in enumerate(data.scenes):
+        for qa in questions(scene, seed=seed):
+            prompt = target.prompt_ids(qa.question)
+            answer = target._text_ids(qa.answer) + [target.eos_ids[0]]
+            out.append((i, Example(prompt + answer, [0] * len(prompt) + [1] * len(answer), qa.kind)))
+    return out
+
+
+@torch.no_grad()
+def video_target_batch(target: VLM, head, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> TargetBatch:
+    """The frozen target's hidden states over prompt (frames in place) + answer, for the head's layers."""
+    emb = target.embeds({"input_ids": batch["input_ids"], "pixel_values_videos": pixels})
+    lang = target.model.model.language_model
+    num = target.model.config.text_config.num_hidden_layers
+    out = lang(inputs_embeds=emb, attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hs = out.hidden_states
+    return TargetBatch([hs[i] for i in head.layer_ids], hs[num], batch["input_ids"], batch["loss_mask"])
+
+
+def train_target_head(target: VLM, data: SplitData, work: Path, head_dir: Path, steps: int = 400, batch_size: int = 8, lr: float = 1e-3,
+                      ttt_steps: int = 3, draft_vocab: int = 1024, seed: int = 0, checkpoint_every: int = 50,
+                      progress: bool = True) -> dict:
+    """Train (or resume from WORK/checkpoint.pt) the head; writes it to `head_dir` (engine layout)."""
+    from tqdm import tqdm
+
+    from featspec.formats import save_head
+
+    cfg = TrainConfig(method="eagle3", target="xmodal-mini-target", ttt_steps=ttt_steps, draft_vocab=draft_vocab, lr=lr,
+                      batch_size=batch_size, seed=seed, dtype=str(target.model.dtype).replace("torch.", ""))
+    examples = clip_examples(target, data, seed)
+    tcfg = target.model.config.text_config
+    torch.manual_seed(seed)
+    head = build_head(cfg, tcfg, [e for _, e in examples], target.eos_ids).bind(target.model)
+    head.float().train()
+    loss_fn = HeadLoss(cfg, head, target.model.lm_head)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, steps // 20), steps))
+    state = {"step": 0, "log": [], "seconds": 0.0}
+    ckpt = Path(work) / "checkpoint.pt"
+    if ckpt.exists():
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        head.load_state_dict(blob["head"])
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        state = blob["state"]
+    pixels_all = data.frames
+    bar = tqdm(total=steps, initial=state["step"], desc="target eagle3 head", disable=not progress)
+    while state["step"] < steps:
+        t0 = time.time()
+        pick = np.random.default_rng([seed, state["step"], 5]).choice(len(examples), size=batch_size, replace=False)
+        clips = [examples[j][0] for j in pick]
+        batch = collate([examples[j][1] for j in pick], target.eos_ids[0])
+        pixels = to_pixels(pixels_all[clips], target.image_size).to(target.model.dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=target.model.dtype == torch.bfloat16):
+            tb = video_target_batch(target, head, batch, pixels)
+            loss, stats = loss_fn(tb, seed * 7919 + state["step"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
+        opt.step()
+        sched.step()
+        state["step"] += 1
+        state["seconds"] += time.time() - t0
+        state["log"].append({"loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in stats.items()}})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats.get('acc_0', 0):.2f}")
+        if state["step"] % checkpoint_every == 0 or state["step"] == steps:
+            atomic_torch_save({"head": head.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "state": state}, ckpt)
+    bar.close()
+    tail = state["log"][-20:]
+    record = {"steps": steps, "seconds": round(state["seconds"], 1), "examples": len(examples),
+              **{k: round(float(np.mean([r[k] for r in tail])), 4) for k in tail[0] if k.startswith(("acc", "loss"))}}
+    save_head(head, Path(head_dir), extra={"xmodal": record})
+    return record
