@@ -54,14 +54,7 @@ def _describe(scene: Scene, rng: np.random.Generator) -> str:
     return " ".join(parts)
 
 
-def questions(scene: Scene, seed: int = 0) -> list[QA]:
-    """Every applicable question kind for the scene, one sampled phrasing each."""
-    rng = np.random.default_rng([seed, scene.index, KINDS.index("describe") + 11])
-    objs = scene.objects
-    n = len(objs)
-    out: list[QA] = []
-    # direction: about an object that translates (or, failing that, one that spins)
-    o = _pick(rng, [p for p in objs if p.motion != "spin"] or list(objs))
+def _direction(scene: Scene, o: SceneObject, rng: np.random.Generator) -> QA:
     q = _pick(rng, ("Which way is {r} moving?", "In which direction does {r} move?", "Where is {r} going?",
                     "Describe the motion of {r}.")).format(r=_ref(scene, o))
     lead = _pick(rng, ("In the video, ", "Throughout the clip, ", ""))
@@ -70,7 +63,20 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
         a = f"{lead}{ref} does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
     else:
         a = f"{lead}{ref} is moving {_pick(rng, DIR_PHRASES[o.motion])}{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}."
-    out.append(QA("direction", q, a))
+    return QA("direction", q, a)
+
+
+def questions(scene: Scene, seed: int = 0, every_object: bool = False) -> list[QA]:
+    """Every applicable question kind for the scene, one sampled phrasing each; `every_object` (training)
+    asks direction, shape and speed about every object they apply to instead of one each: these all hinge
+    on reading motion across frames, the hardest skill, and extra turns after a shared visual prefix are cheap."""
+    rng = np.random.default_rng([seed, scene.index, KINDS.index("describe") + 11])
+    objs = scene.objects
+    n = len(objs)
+    out: list[QA] = []
+    # direction: about an object that translates (or, failing that, one that spins)
+    for o in (objs if every_object else [_pick(rng, [p for p in objs if p.motion != "spin"] or list(objs))]):
+        out.append(_direction(scene, o, rng))
     # count
     q = _pick(rng, ("How many objects are in the video?", "How many shapes can you see?",
                     "Count the objects in the scene.", "How many things are there?"))
@@ -81,8 +87,7 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
     out.append(QA("count", q, a))
     # shape: of an object named by its motion, when that names exactly one object
     by_motion = [p for p in objs if sum(q2.motion == p.motion for q2 in objs) == 1]
-    if by_motion:
-        o = _pick(rng, by_motion)
+    for o in (by_motion if every_object else [_pick(rng, by_motion)] if by_motion else []):
         where = "staying in place" if o.motion == "spin" else f"moving {DIR_PHRASES[o.motion][0]}"
         q = _pick(rng, ("What shape is the {n} {w}?", "What is the {n} {w}?", "Which shape is {w}?")).format(
             n=_pick(rng, ("object", "thing")), w=where)
@@ -99,8 +104,7 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
         out.append(QA("colour", q, f"{name.capitalize()} is {o.colour}, {tail}."))
     # speed: of a translating object
     movers = [p for p in objs if p.motion != "spin"]
-    if movers:
-        o = _pick(rng, movers)
+    for o in (movers if every_object else [_pick(rng, movers)] if movers else []):
         q = _pick(rng, ("Is {r} moving fast or slowly?", "How fast does {r} move?", "Does {r} move quickly or slowly?")
                   ).format(r=_ref(scene, o))
         extent = "a long way" if o.speed == "fast" else "only a short distance"

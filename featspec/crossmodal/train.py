@@ -130,7 +130,7 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int) -> 
     seqs, turns = [], []
     for i in idx:
         seq, spans = list(prefix), []
-        for qa in questions(data.scenes[i], seed=int(rng.integers(1 << 30))):
+        for qa in questions(data.scenes[i], seed=int(rng.integers(1 << 30)), every_object=True):
             prompt = vlm.turn_ids(qa.question)
             answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
             spans.append((len(seq), len(seq) + len(prompt), len(seq) + len(prompt) + len(answer)))

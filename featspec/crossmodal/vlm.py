@@ -47,6 +47,7 @@ class VLM:
     template: str
     eos_ids: list[int]
     add_bos: bool = False  # LLaMA checkpoints expect <s> first; the SmolLM2 chat format has none
+    frame_labels: bool = False  # "Frame k:" before each frame's video tokens (the minis; real Video-LLaVA: none)
 
     @property
     def image_size(self) -> int:
@@ -72,7 +73,13 @@ class VLM:
         """The prompt up to and including the visual placeholder(s): one -200 (events) or one video id per
         visual token. Every question of a clip shares it."""
         before = self.template.split("{visual}")[0]
-        visual = [self.model.config.video_token_id] * self.visual_tokens if self.kind == "video" else [EVENT_TOKEN_INDEX]
+        if self.kind == "events":
+            visual = [EVENT_TOKEN_INDEX]
+        elif self.frame_labels:  # the video tokens stay in frame order, so the model's scatter is unchanged
+            per = self.visual_tokens // 8
+            visual = [t for k in range(8) for t in self._text_ids(f"Frame {k + 1}:") + [self.model.config.video_token_id] * per]
+        else:
+            visual = [self.model.config.video_token_id] * self.visual_tokens
         bos = [self.tokenizer.bos_token_id] if self.add_bos and self.tokenizer.bos_token_id is not None else []
         return bos + self._text_ids(before) + visual
 
@@ -126,6 +133,8 @@ class MiniSpec:
     vision_heads: int = 4
     drafter_layers: int = 12
     lora_rank: int = 8
+    frame_labels: bool = True  # label each frame's tokens in the target prompt: which frame a token is from is
+    # then content the language model can match on, which direction answers (first vs last frame) need
     video_token_id: int = 16  # SmolLM2's unused <empty_output>, so no embedding resize is needed
     image_token_id: int = 15
     extra: dict = field(default_factory=dict)
@@ -163,7 +172,8 @@ def build_target(spec: MiniSpec, backbone=None) -> VLM:
     model.model.language_model.load_state_dict(_first_layers(bb.model.model.state_dict(), layers))
     with torch.no_grad():
         model.lm_head.weight.copy_(bb.model.lm_head.weight)
-    return VLM("video", model.eval(), bb.tokenizer, MINI_TEMPLATE, [bb.tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    return VLM("video", model.eval(), bb.tokenizer, MINI_TEMPLATE, [bb.tokenizer.convert_tokens_to_ids("<|im_end|>")],
+               frame_labels=spec.frame_labels)
 
 
 def build_drafter(spec: MiniSpec, backbone=None) -> VLM:
