@@ -119,8 +119,8 @@ def tower_tokens(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
 
 # ---------- QA batches ----------
 
-def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int) -> dict[str, torch.Tensor]:
-    """One row per clip: the visual prefix once, then every question kind of the clip as its own turn.
+def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max_turns: int = 7) -> dict[str, torch.Tensor]:
+    """One row per clip: the visual prefix once, then the clip's questions (at most `max_turns`), each its own turn.
 
     `qa_loss` masks attention so each turn sees the prefix and itself only, with positions restarting
     after the prefix: each turn is exactly the single-turn prompt + answer seen at inference, but the
@@ -130,7 +130,10 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int) -> 
     seqs, turns = [], []
     for i in idx:
         seq, spans = list(prefix), []
-        for qa in questions(data.scenes[i], seed=int(rng.integers(1 << 30)), every_object=True):
+        qas = questions(data.scenes[i], seed=int(rng.integers(1 << 30)), every_object=True)
+        if len(qas) > max_turns:  # rows of similar length waste little compute on padding
+            qas = [qas[j] for j in sorted(rng.choice(len(qas), size=max_turns, replace=False))]
+        for qa in qas:
             prompt = vlm.turn_ids(qa.question)
             answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
             spans.append((len(seq), len(seq) + len(prompt), len(seq) + len(prompt) + len(answer)))
