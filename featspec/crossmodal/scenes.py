@@ -16,7 +16,9 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.12, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.12, 0.25, 0.95),
     "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.15, 0.8), "orange": (1.0, 0.55, 0.05),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
+# No "diamond": objects start at a random angle, and a square turned 45 degrees is a diamond, so the two
+# could not be told apart from pixels. A cross stays a cross at any angle.
+SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 SPLITS = ("train", "val", "test", "novel")
 
@@ -158,8 +160,9 @@ def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
         d = np.sqrt(dx**2 + dy**2) - r
     elif shape == "square":
         d = np.maximum(np.abs(dx), np.abs(dy)) - r * 0.85
-    elif shape == "diamond":
-        d = (np.abs(dx) + np.abs(dy)) / np.sqrt(2) - r * 0.8
+    elif shape == "cross":  # union of two bars, arm half-width 0.35 r
+        ax, ay = np.abs(dx), np.abs(dy)
+        d = np.minimum(np.maximum(ax - r, ay - 0.35 * r), np.maximum(ax - 0.35 * r, ay - r))
     else:  # triangle pointing up in its own frame: max of three half-plane distances
         k = np.sqrt(3.0)
         d = np.maximum(np.maximum(dy - r * 0.5, (-k * dx - dy) / 2 - r * 0.5), (k * dx - dy) / 2 - r * 0.5)
@@ -178,32 +181,48 @@ def object_centres(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> np.ndar
     return out
 
 
-def render(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> np.ndarray:
-    """RGB float32 images (T, H, W, 3) in [0, 1] at the given times (seconds)."""
+def _pixel_grid(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scene coordinates of every pixel at each time, camera shake included: (T, H, W) x and y."""
     s = cfg.size
-    t = np.asarray(times, dtype=np.float32)[:, None, None]
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     shake = np.zeros((len(times), 2), dtype=np.float32)
     if cfg.camera_shake > 0:
         srng = np.random.default_rng(scene.shake_seed)
         f = srng.uniform(2, 6, size=2)
         shake = cfg.camera_shake * np.sin(2 * np.pi * f[None] * np.asarray(times)[:, None] + srng.uniform(0, 6, size=2))
-    ox = (xx[None] + shake[:, 0, None, None]).astype(np.float32)
-    oy = (yy[None] + shake[:, 1, None, None]).astype(np.float32)
-    b = scene.background
-    # smooth grey texture: a few oriented sinusoids, low contrast so objects stand out
-    tex = 0.45 + 0.08 * np.sin(ox * (0.15 + 0.3 * b[0]) + oy * (0.1 * b[1]) + 6 * b[2]) \
-        + 0.06 * np.sin(oy * (0.2 + 0.3 * b[3]) - ox * 0.1 * b[4] + 6 * b[5]) + 0.04 * np.sin((ox + oy) * (0.5 + b[6]))
-    tint = 0.9 + 0.2 * np.array(b[6:9], dtype=np.float32)
-    img = np.clip(tex, 0, 1)[..., None] * tint
+    return ((xx[None] + shake[:, 0, None, None]).astype(np.float32),
+            (yy[None] + shake[:, 1, None, None]).astype(np.float32))
+
+
+def object_masks(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> np.ndarray:
+    """(T, n_objects, H, W) anti-aliased coverage of every object (before occlusion by later objects)."""
+    t = np.asarray(times, dtype=np.float32)[:, None, None]
+    ox, oy = _pixel_grid(cfg, scene, times)
     centres = object_centres(cfg, scene, times)
+    out = np.zeros((len(times), len(scene.objects), cfg.size, cfg.size), dtype=np.float32)
     for k, o in enumerate(scene.objects):
         cx, cy = centres[:, k, 0, None, None], centres[:, k, 1, None, None]
         a = o.angle0 + o.spin * t
         rx, ry = ox - cx, oy - cy
         ux = np.cos(a) * rx + np.sin(a) * ry
         uy = -np.sin(a) * rx + np.cos(a) * ry
-        m = _mask(o.shape, ux, uy, cfg.sizes[o.size])[..., None]
+        out[:, k] = _mask(o.shape, ux, uy, cfg.sizes[o.size])
+    return out
+
+
+def render(cfg: WorldConfig, scene: Scene, times: np.ndarray) -> np.ndarray:
+    """RGB float32 images (T, H, W, 3) in [0, 1] at the given times (seconds)."""
+    t = np.asarray(times, dtype=np.float32)[:, None, None]
+    ox, oy = _pixel_grid(cfg, scene, times)
+    b = scene.background
+    # smooth grey texture: a few oriented sinusoids, low contrast so objects stand out
+    tex = 0.45 + 0.08 * np.sin(ox * (0.15 + 0.3 * b[0]) + oy * (0.1 * b[1]) + 6 * b[2]) \
+        + 0.06 * np.sin(oy * (0.2 + 0.3 * b[3]) - ox * 0.1 * b[4] + 6 * b[5]) + 0.04 * np.sin((ox + oy) * (0.5 + b[6]))
+    tint = 0.9 + 0.2 * np.array(b[6:9], dtype=np.float32)
+    img = np.clip(tex, 0, 1)[..., None] * tint
+    masks = object_masks(cfg, scene, times)
+    for k, o in enumerate(scene.objects):
+        m = masks[:, k, ..., None]
         img = img * (1 - m) + m * np.array(COLOURS[o.colour], dtype=np.float32)
     amp, freq, phase = scene.light
     gain = 1.0 + amp * np.sin(2 * np.pi * freq * t[..., None] + phase)

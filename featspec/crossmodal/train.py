@@ -49,12 +49,17 @@ class PrepareConfig:
 
 # ---------- the probe stage: local labels for the vision tower ----------
 
-def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int) -> dict[str, torch.Tensor]:
-    """Per image and patch: colour and shape of the object whose centre lies there (0 = none), the centre's
-    offset inside the patch and in the image (so tokens state where an object is, which direction answers
-    compare across frames), and per image the object count. Local labels teach a from-scratch tower where
-    things are far faster than clip-level labels; events get no colour (they carry none)."""
-    from featspec.crossmodal.scenes import object_centres, render_timeline, video_frame_indices
+def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int, min_cover: float = 0.1
+                  ) -> dict[str, torch.Tensor]:
+    """Per image and patch: colour and shape of the object covering most of the patch (0 = none below
+    `min_cover`), that object's centre relative to the patch and in the image (so tokens state where an
+    object is, which direction answers compare across frames), and per image the object count.
+
+    Every patch an object covers is labelled, not only the one holding its centre: the centre patch of a
+    large object is uniformly filled, and the shape shows only at the edges, in the neighbours (with
+    centre-only labels the tower learned colours, 95 %, but shapes at 36 %, near the 25 % of chance).
+    Events get no colour (they carry none)."""
+    from featspec.crossmodal.scenes import object_centres, object_masks, render_timeline, video_frame_indices
 
     if kind == "video":
         times = render_timeline(world)
@@ -67,16 +72,24 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
     shape = np.zeros((n, f, g * g), dtype=np.int64)
     offset = np.zeros((n, f, g * g, 4), dtype=np.float32)
     count = np.zeros(n, dtype=np.int64)
+    cells = np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="xy"), -1).reshape(-1, 2)  # (x, y) per cell
     for i, sc in enumerate(scenes):
-        centres = object_centres(world, sc, times)
         count[i] = len(sc.objects) - 1
-        for k, o in enumerate(sc.objects):  # later objects are drawn on top, so they win a shared patch
-            px = np.clip(centres[:, k] // patch, 0, g - 1).astype(int)
-            cell = px[:, 1] * g + px[:, 0]
-            rows = np.arange(f)
-            colour[i, rows, cell] = world.colours.index(o.colour) + 1 if kind == "video" else 0
-            shape[i, rows, cell] = world.shapes.index(o.shape) + 1
-            offset[i, rows, cell] = np.concatenate([centres[:, k] / patch - px, centres[:, k] / world.size], axis=1)
+        masks = object_masks(world, sc, times)  # (F, K, H, W); later objects are drawn on top
+        visible, above = np.empty_like(masks), np.ones_like(masks[:, 0])
+        for k in reversed(range(len(sc.objects))):
+            visible[:, k] = masks[:, k] * above
+            above = above * (1 - masks[:, k])
+        cover = visible.reshape(f, len(sc.objects), g, patch, g, patch).mean((3, 5)).reshape(f, len(sc.objects), -1)
+        best, amount = cover.argmax(1), cover.max(1)  # (F, G*G)
+        centres = object_centres(world, sc, times)  # (F, K, 2)
+        for k, o in enumerate(sc.objects):
+            hit = (best == k) & (amount >= min_cover)
+            rows, cols = np.nonzero(hit)
+            shape[i, rows, cols] = world.shapes.index(o.shape) + 1
+            colour[i, rows, cols] = world.colours.index(o.colour) + 1 if kind == "video" else 0
+            c = centres[rows, k]
+            offset[i, rows, cols] = np.concatenate([c / patch - cells[cols], c / world.size], axis=1)
     return {"colour": torch.from_numpy(colour), "shape": torch.from_numpy(shape), "offset": torch.from_numpy(offset),
             "count": torch.from_numpy(count)}
 
@@ -90,16 +103,27 @@ class DenseProbe(nn.Module):
         self.patch = nn.Linear(dim, sum(self.sizes))
         self.cls = nn.Linear(dim, world.max_objects)
 
+    @staticmethod
+    def class_weight(n: int, present: torch.Tensor) -> torch.Tensor:
+        """Down-weight the "no object" class by how much more common it is."""
+        frac = present.float().mean().clamp(1e-3, 1.0)
+        w = torch.ones(n)
+        w[0] = frac / (1 - frac + 1e-6)
+        return w
+
     def loss(self, tokens: torch.Tensor, t: dict[str, torch.Tensor], idx: list[int], with_colour: bool) -> torch.Tensor:
         """tokens (B, F, 1 + G*G, D) from `tower_tokens`."""
         c, s, _ = self.sizes
         out = self.patch(tokens[:, :, 1:])
         ce = nn.functional.cross_entropy
-        loss = ce(out[..., c: c + s].flatten(0, 2), t["shape"][idx].flatten())
-        if with_colour:
-            loss = loss + ce(out[..., :c].flatten(0, 2), t["colour"][idx].flatten())
-        present = t["shape"][idx] > 0
+        shape, present = t["shape"][idx], t["shape"][idx] > 0
+        # objectness on every patch, then shape, colour and position where an object is: most patches are
+        # empty, and one cross-entropy over all of them let the tower learn "empty" and colours but not shapes
+        loss = ce(out[..., c: c + s].flatten(0, 2), shape.flatten(), weight=self.class_weight(s, present))
         if present.any():
+            loss = loss + ce(out[..., c + 1: c + s][present], shape[present] - 1)
+            if with_colour:
+                loss = loss + ce(out[..., 1:c][present], t["colour"][idx][present] - 1)
             loss = loss + 4 * (out[..., c + s:][present] - t["offset"][idx][present]).pow(2).mean()
         count = self.cls(tokens[:, :, 0])
         return loss + ce(count.flatten(0, 1), t["count"][idx].repeat_interleave(tokens.shape[1]))
