@@ -150,3 +150,29 @@ def test_lora_merge_keeps_outputs_and_starts_as_identity():
     merge_lora(block)
     assert isinstance(block.q_proj, torch.nn.Linear)
     assert torch.allclose(block.q_proj(x), adapted, atol=1e-5)
+
+
+def test_probe_labels_cover_every_patch_an_object_covers_and_respect_occlusion():
+    """A large square at rest, centred on a patch corner, covers the four patches around it; a circle drawn
+    on top of it takes the patches it covers most, and positions point at each label's own object."""
+    from featspec.crossmodal.scenes import Scene, SceneObject
+    from featspec.crossmodal.train import dense_targets
+
+    cfg = WorldConfig(camera_shake=0.0)
+    square = SceneObject("square", "red", "large", "spin", "slow", 32.0, 32.0, 0.0, 0.0)
+    alone = Scene("train", 0, (square,), (0.5,) * 9, (0.0, 1.0, 0.0), 0)
+    d = dense_targets(cfg, [alone], "video", 16)
+    grid = d["shape"][0, 0].reshape(4, 4)
+    sq = cfg.shapes.index("square") + 1
+    assert (grid[1:3, 1:3] == sq).all() and int((grid > 0).sum()) == 4
+    assert torch.allclose(d["offset"][0, 0, 5, 2:], torch.tensor([0.5, 0.5]))
+    circle = SceneObject("circle", "blue", "small", "spin", "slow", 24.0, 24.0, 0.0, 0.0)
+    both = Scene("train", 1, (square, circle), (0.5,) * 9, (0.0, 1.0, 0.0), 0)
+    d = dense_targets(cfg, [both], "video", 16)
+    grid = d["shape"][0, 0].reshape(4, 4)
+    assert int(grid[1, 1]) == cfg.shapes.index("circle") + 1  # on top where it covers most
+    assert int(grid[2, 2]) == sq and int(d["count"][0]) == 1
+    assert torch.allclose(d["offset"][0, 0, 5, 2:], torch.tensor([24 / 64, 24 / 64]))
+    assert int(d["colour"][0, 0, 5]) == cfg.colours.index("blue") + 1
+    events = dense_targets(cfg, [both], "events", 16)
+    assert int(events["colour"].max()) == 0 and int(events["shape"].max()) > 0  # events carry no colour
