@@ -1,7 +1,9 @@
 """The Drafter protocol: every drafter (n-gram, small model, EAGLE heads, cross-modal) plugs in here.
 
 The engine calls `start` once after the target's prefill, then per step `propose` (a DraftTree rooted
-at the newest committed token) and `observe` (what the target accepted). A drafter never touches the
+at the newest committed token) and `observe` (what the target accepted). A drafter may also define
+`begin(prompt_ids)`, called just before the target's prefill, to start work that overlaps it (the
+cross-modal drafter's parallel prefill); `start` must then wait for that work. A drafter never touches the
 target's cache; it may keep its own state (its own KV cache, n-gram index, features).
 """
 
