@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a minute-scale run with cut-down models (tests, smoke checks)")
     p.add_argument("--n-train", type=int, default=None, help="training clips (default 3000; --tiny 24)")
     p.add_argument("--seed", type=int, default=0, help="world seed: a different seed is a different distribution")
-    p.add_argument("--probe-steps", type=int, default=None, help="vision-tower pre-training steps per model (default 400)")
+    p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half)")
     p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 500; the drafter gets 1.2x)")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
@@ -132,7 +132,9 @@ def run(args) -> int:
         cfg = PrepareConfig.tiny(out) if args.tiny else PrepareConfig(out=out)
         cfg.world = WorldConfig(seed=args.seed)
         if args.probe_steps is not None:
-            cfg.probe_steps = args.probe_steps
+            if args.probe_steps < 1:
+                raise FeatspecError(f"--probe-steps must be >= 1, got {args.probe_steps}")
+            cfg.probe_steps = {"video": args.probe_steps, "events": (args.probe_steps + 1) // 2}
         if args.qa_steps is not None:
             if args.qa_steps < 1:
                 raise FeatspecError(f"--qa-steps must be >= 1, got {args.qa_steps}")
