@@ -56,7 +56,7 @@ class CrossModalDrafter(ModelDrafter):
         if not self.parallel:
             return
         super().start(prompt_ids, None)
-        self.feats, self.tokens_in, self.ahead, self._error = [], [], [], None
+        self.feats, self.tokens_in, self.ahead, self._error, self.prefill_s = [], [], [], None, 0.0
         t0 = time.perf_counter()
 
         def work() -> None:
@@ -86,7 +86,7 @@ class CrossModalDrafter(ModelDrafter):
                 raise self._error
         else:
             super().start(prompt_ids, prefill)
-            self.feats, self.tokens_in, self.ahead = [], [], []
+            self.feats, self.tokens_in, self.ahead, self.prefill_s = [], [], [], 0.0
         if self.adapter is not None and self.adapter.needs_visual:
             if prefill.hidden is None or self.video_token_id is None:
                 raise ValueError("L6 needs the target's prefill features: set wants_hidden and video_token_id")
