@@ -1,8 +1,9 @@
 """`featspec xmodal prepare`: data, then both mini models, each in two resumable stages.
 
 Stage 1 (probe) teaches the small vision tower where each object is, its shape and (RGB only) colour, from
-the renderer's per-patch ground truth, the way real VLMs start from a pretrained CLIP; stage 2 (qa) trains tower, projector and LoRA deltas on question answering with
-the text backbone frozen. Each stage checkpoints atomically; a killed run resumes at its last checkpoint.
+the renderer's per-patch ground truth, the way real VLMs start from a pretrained CLIP; stage 2 (qa) trains
+the projector (and adaptor) and LoRA deltas on question answering, tower and text backbone frozen. Each
+stage checkpoints atomically; a killed run resumes at its last checkpoint.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max
 
     `qa_loss` masks attention so each turn sees the prefix and itself only, with positions restarting
     after the prefix: each turn is exactly the single-turn prompt + answer seen at inference, but the
-    visual tokens are computed once for all of a clip's questions (about 3x the answers per second)."""
+    visual tokens are computed once for all of a clip's questions (about 2.7x the answers per second)."""
     rng = np.random.default_rng([seed, step, 17])
     prefix = vlm.prefix_ids()
     seqs, turns = [], []
