@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from featspec.crossmodal.adapters import LEVELS
 from featspec.crossmodal.qa import question_for
 from featspec.crossmodal.vlm import VLM, to_pixels
@@ -35,12 +33,19 @@ class Kit:
     draft_length: int = 4
 
 
+def adapter_level(method: str) -> str | None:
+    """The adapter a method drafts through (None: raw tokens, the target alone, or its own head)."""
+    if method in ("xmodal-pp", "hybrid"):
+        return PP_LEVEL
+    return method[len("xmodal-"):] if method.startswith("xmodal-L") else None
+
+
 def check_methods(methods: list[str], kit: Kit) -> None:
     for m in methods:
         if m not in METHODS:
             raise FeatspecError(f"unknown xmodal method '{m}': use some of {', '.join(METHODS)}")
-        level = PP_LEVEL if m in ("xmodal-pp", "hybrid") else m[7:]
-        if (m.startswith("xmodal-") and m != "xmodal-token" or m == "hybrid") and level not in kit.adapters:
+        level = adapter_level(m)
+        if level is not None and level not in kit.adapters:
             raise FeatspecError(f"no trained adapter for {m}: run `featspec xmodal train-adapter --level {level}`")
         if m in ("eagle3", "hybrid") and kit.head is None:
             raise FeatspecError(f"{m} needs the target's EAGLE-3 head: run `featspec xmodal train-eagle3`")
@@ -54,7 +59,8 @@ def make_drafter(method: str, kit: Kit, question: str, events):
     if method == "eagle3":
         return FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE)
     parallel = method in ("xmodal-pp", "hybrid")
-    adapter = None if method == "xmodal-token" else kit.adapters[PP_LEVEL if parallel else method[7:]]
+    level = adapter_level(method)
+    adapter = None if level is None else kit.adapters[level]
     xm = CrossModalDrafter(d, d.prompt_ids(question), to_pixels(events, d.image_size)[None], t.model.lm_head, adapter,
                            kit.draft_length, t.model.config.video_token_id, parallel=parallel)
     if method == "hybrid":

@@ -20,7 +20,7 @@ from featspec.crossmodal.qa import questions
 from featspec.crossmodal.vlm import VLM, to_pixels
 from featspec.crossmodal.world import SplitData
 from featspec.train.data import Example, collate
-from featspec.train.losses import TargetBatch
+from featspec.train.losses import target_batch
 from featspec.train.trainer import HeadLoss, TrainConfig, build_head, lr_lambda
 
 
@@ -33,17 +33,6 @@ def clip_examples(target: VLM, data: SplitData, seed: int = 0) -> list[tuple[int
             answer = target._text_ids(qa.answer) + [target.eos_ids[0]]
             out.append((i, Example(prompt + answer, [0] * len(prompt) + [1] * len(answer), qa.kind)))
     return out
-
-
-@torch.no_grad()
-def video_target_batch(target: VLM, head, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> TargetBatch:
-    """The frozen target's hidden states over prompt (frames in place) + answer, for the head's layers."""
-    emb = target.embeds({"input_ids": batch["input_ids"], "pixel_values_videos": pixels})
-    lang = target.model.model.language_model
-    num = target.model.config.text_config.num_hidden_layers
-    out = lang(inputs_embeds=emb, attention_mask=batch["attention_mask"], output_hidden_states=True)
-    hs = out.hidden_states
-    return TargetBatch([hs[i] for i in head.layer_ids], hs[num], batch["input_ids"], batch["loss_mask"])
 
 
 def train_target_head(target: VLM, data: SplitData, work: Path, head_dir: Path, steps: int = 400, batch_size: int = 8, lr: float = 1e-3,
@@ -72,16 +61,17 @@ def train_target_head(target: VLM, data: SplitData, work: Path, head_dir: Path, 
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         state = blob["state"]
-    pixels_all = data.frames
     bar = tqdm(total=steps, initial=state["step"], desc="target eagle3 head", disable=not progress)
     while state["step"] < steps:
         t0 = time.time()
         pick = np.random.default_rng([seed, state["step"], 5]).choice(len(examples), size=batch_size, replace=False)
         clips = [examples[j][0] for j in pick]
         batch = collate([examples[j][1] for j in pick], target.eos_ids[0])
-        pixels = to_pixels(pixels_all[clips], target.image_size).to(target.model.dtype)
+        pixels = to_pixels(data.frames[clips], target.image_size).to(target.model.dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=target.model.dtype == torch.bfloat16):
-            tb = video_target_batch(target, head, batch, pixels)
+            with torch.no_grad():  # the target is frozen: its embeddings need no graph
+                emb = target.embeds({"input_ids": batch["input_ids"], "pixel_values_videos": pixels})
+            tb = target_batch(target.model, head, batch, inputs_embeds=emb)
             loss, stats = loss_fn(tb, seed * 7919 + state["step"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from featspec.crossmodal.qa import KINDS, questions
+from featspec.crossmodal.qa import questions
 from featspec.crossmodal.scenes import Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
@@ -36,7 +36,7 @@ class PrepareConfig:
     probe_steps: dict = field(default_factory=lambda: {"video": 3000, "events": 1500})
     probe_batch: int = 32
     qa_steps: dict = field(default_factory=lambda: {"video": 500, "events": 600})
-    qa_batch: int = 4  # clips per step; each packs all of its ~6 questions
+    qa_batch: int = 4  # clips per step; each packs up to 7 of its questions (`qa_rows`)
     lr: float = 1e-3
     checkpoint_every: int = 50
     seed: int = 0
@@ -225,7 +225,7 @@ def _lr(step: int, total: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
-def _trainables(vlm: VLM, probe: "DenseProbe", cfg: PrepareConfig, stage: str) -> list[dict]:
+def _trainables(vlm: VLM, probe: DenseProbe, cfg: PrepareConfig, stage: str) -> list[dict]:
     """Optimizer groups: probe stage (tower, probe head); QA stage (projector, adaptor and LoRA)."""
     trained = [p for p in vlm.model.parameters() if p.requires_grad]
     if stage == "probe":
@@ -302,7 +302,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
     return state
 
 
-def _save(ckpt: Path, vlm: VLM, probe: "DenseProbe", opt, sched, meta: dict) -> None:
+def _save(ckpt: Path, vlm: VLM, probe: DenseProbe, opt, sched, meta: dict) -> None:
     from featspec.crossmodal.vlm import trained_state
 
     def write(d: Path) -> None:

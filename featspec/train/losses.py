@@ -32,15 +32,18 @@ class TargetBatch:
 
 
 @torch.no_grad()
-def target_batch(target: torch.nn.Module, head: DraftHead, batch: dict[str, torch.Tensor]) -> TargetBatch:
-    """One frozen forward of the target body with only the hidden states the head needs."""
+def target_batch(target: torch.nn.Module, head: DraftHead, batch: dict[str, torch.Tensor],
+                 inputs_embeds: torch.Tensor | None = None) -> TargetBatch:
+    """One frozen forward of the target body with only the hidden states the head needs; `inputs_embeds`
+    replaces the token embeddings (a VLM's prompt with its visual features in place)."""
     body = target.get_decoder() if hasattr(target, "get_decoder") else target.model
     num = target.config.get_text_config().num_hidden_layers
     wanted = sorted(set(head.layer_ids) | {num})
     att = batch.get("attention_mask")
     if att is not None and bool(att.all()):
         att = None  # no padding: the causal fast path of SDPA is much faster than an explicit mask
-    out = body(input_ids=batch["input_ids"], attention_mask=att, output_hidden_states=wanted,
+    ids = batch["input_ids"] if inputs_embeds is None else None
+    out = body(input_ids=ids, inputs_embeds=inputs_embeds, attention_mask=att, output_hidden_states=wanted,
                use_cache=False)
     hs = out.hidden_states
     return TargetBatch([hs[i] for i in head.layer_ids], hs[num], batch["input_ids"], batch["loss_mask"])
