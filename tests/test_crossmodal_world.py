@@ -126,6 +126,51 @@ def test_reference_answers_parse_to_the_scene_truth():
     assert parse("I do not know", "colour") is None
 
 
+def test_motion_answers_quote_the_rendered_start_and_end_positions():
+    """Direction and speed answers reason aloud (start cell, end cell, then the value): the cells must be the
+    renderer's true centres in the first and last video frame, and the stated direction must follow from them."""
+    import re
+
+    from featspec.crossmodal.scenes import DIRECTIONS, object_centres
+
+    cfg = WorldConfig()
+    checked = 0
+    for i in range(60):
+        scene = make_scene(cfg, "test", i)
+        truth = object_centres(cfg, scene, np.array([0.0, cfg.duration_s]))  # frame 1 and frame 8
+        for qa in questions(scene, seed=i, every_object=True):
+            if qa.kind not in ("direction", "speed"):
+                continue
+            cells = [tuple(int(v) for v in m) for m in re.findall(r"x (\d), y (\d)", qa.answer)]
+            named = [k for k, o in enumerate(scene.objects) if qa.question.lower().count(o.shape)
+                     and (f"{o.colour} {o.shape}" in qa.question or sum(p.shape == o.shape for p in scene.objects) == 1)]
+            assert len(named) == 1, qa.question
+            o, pos = scene.objects[named[0]], truth[:, named[0]]
+            expect = [(min(9, int(x * 10 / cfg.size)), min(9, int(y * 10 / cfg.size))) for x, y in pos]
+            assert cells == (expect[:1] if o.motion == "spin" else expect), qa.answer
+            if o.motion != "spin":
+                (x0, y0), (x1, y1) = cells
+                dx, dy = DIRECTIONS[o.motion]
+                assert (x1 - x0) * dx + (y1 - y0) * dy > 0 and (x1 - x0) * dy == 0 == (y1 - y0) * dx, qa.answer
+            checked += 1
+    assert checked > 80
+
+
+def test_shape_questions_name_the_object_by_colour_when_it_is_unique():
+    cfg = WorldConfig()
+    for i in range(60):
+        scene = make_scene(cfg, "test", i)
+        for qa in questions(scene, seed=i, every_object=True):
+            if qa.kind == "shape":
+                by_colour = [o for o in scene.objects if f"the {o.colour} " in qa.question.lower()]
+                if by_colour:  # named by colour: that colour is unique and the answer is its shape
+                    assert [p.colour for p in scene.objects].count(by_colour[0].colour) == 1, qa.question
+                    assert parse(qa.answer, "shape") == by_colour[0].shape, qa.answer
+                else:  # named by motion only when no object of the answer's shape has a unique colour
+                    same = [o for o in scene.objects if o.shape == parse(qa.answer, "shape")]
+                    assert any([p.colour for p in scene.objects].count(o.colour) > 1 for o in same), qa.question
+
+
 def test_world_config_rejects_unknown_values():
     with pytest.raises(ValueError, match="unknown colour"):
         WorldConfig(colours=("red", "teal"))

@@ -54,15 +54,25 @@ def _describe(scene: Scene, rng: np.random.Generator) -> str:
     return " ".join(parts)
 
 
+def _at(o: SceneObject, end: bool) -> str:
+    """Where an object is in the first (or last) frame, on a 10 x 10 grid: "x 2, y 7"."""
+    fx, fy = o.path[2:] if end else o.path[:2]
+    return f"x {min(9, int(fx * 10))}, y {min(9, int(fy * 10))}"
+
+
 def _direction(scene: Scene, o: SceneObject, rng: np.random.Generator) -> QA:
+    """The answer states where the object starts and ends before it names the direction: two lookups in one
+    frame each, then a comparison of generated text, instead of a cross-frame comparison in one step
+    (a target trained on bare directions answered them at chance)."""
     q = _pick(rng, ("Which way is {r} moving?", "In which direction does {r} move?", "Where is {r} going?",
                     "Describe the motion of {r}.")).format(r=_ref(scene, o))
     lead = _pick(rng, ("In the video, ", "Throughout the clip, ", ""))
     ref = _ref(scene, o) if lead else _ref(scene, o).capitalize()
     if o.motion == "spin":
-        a = f"{lead}{ref} does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
+        a = f"{lead}{ref} stays at {_at(o, False)}, so it does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
     else:
-        a = f"{lead}{ref} is moving {_pick(rng, DIR_PHRASES[o.motion])}{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}."
+        a = (f"{lead}{ref} starts at {_at(o, False)} and ends at {_at(o, True)}, so it is moving "
+             f"{_pick(rng, DIR_PHRASES[o.motion])}{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}.")
     return QA("direction", q, a)
 
 
@@ -81,17 +91,24 @@ def questions(scene: Scene, seed: int = 0, every_object: bool = False) -> list[Q
     q = _pick(rng, ("How many objects are in the video?", "How many shapes can you see?",
                     "Count the objects in the scene.", "How many things are there?"))
     noun = _pick(rng, OBJECT_NOUNS)
-    listing = " and ".join(f"a {p.colour} {p.shape}" for p in objs)
+    listing = " and ".join(f"{'an' if p.colour[0] in 'aeiou' else 'a'} {p.colour} {p.shape}" for p in objs)
     a = (f"There is one {noun} in the video: {listing}." if n == 1
          else f"There are {NUMBERS[n]} {noun}s in the video: {listing}.")
     out.append(QA("count", q, a))
-    # shape: of an object named by its motion, when that names exactly one object
-    by_motion = [p for p in objs if sum(q2.motion == p.motion for q2 in objs) == 1]
-    for o in (by_motion if every_object else [_pick(rng, by_motion)] if by_motion else []):
-        where = "staying in place" if o.motion == "spin" else f"moving {DIR_PHRASES[o.motion][0]}"
-        q = _pick(rng, ("What shape is the {n} {w}?", "What is the {n} {w}?", "Which shape is {w}?")).format(
-            n=_pick(rng, ("object", "thing")), w=where)
-        a = f"The {_pick(rng, OBJECT_NOUNS)} {where} is a {o.size} {o.shape}."
+    # shape: of an object named by its colour when that is unique, else by its motion when that is
+    # (naming by motion alone would make every shape answer hinge on reading motion first)
+    def shape_name(p: SceneObject) -> str | None:
+        if sum(q2.colour == p.colour for q2 in objs) == 1:
+            return f"the {p.colour} {_pick(rng, ('object', 'thing'))}"
+        if sum(q2.motion == p.motion for q2 in objs) == 1:
+            return f"the {_pick(rng, ('object', 'thing'))} " + ("staying in place" if p.motion == "spin" else f"moving {DIR_PHRASES[p.motion][0]}")
+        return None
+
+    nameable = [p for p in objs if shape_name(p) is not None]
+    for o in (nameable if every_object else [_pick(rng, nameable)] if nameable else []):
+        name = shape_name(o)
+        q = _pick(rng, ("What shape is {n}?", "What is {n}?", "Which shape is {n}?")).format(n=name)
+        a = f"{name.capitalize()} is a {o.size} {o.shape}."
         out.append(QA("shape", q, a))
     # colour: of an object named by its shape (and motion when the shape repeats)
     o = _pick(rng, list(objs))
@@ -108,7 +125,8 @@ def questions(scene: Scene, seed: int = 0, every_object: bool = False) -> list[Q
         q = _pick(rng, ("Is {r} moving fast or slowly?", "How fast does {r} move?", "Does {r} move quickly or slowly?")
                   ).format(r=_ref(scene, o))
         extent = "a long way" if o.speed == "fast" else "only a short distance"
-        a = f"{_ref(scene, o).capitalize()} moves {_pick(rng, SPEED_WORDS[o.speed])}, covering {extent} during the clip."
+        a = (f"{_ref(scene, o).capitalize()} goes from {_at(o, False)} to {_at(o, True)}, {extent}, "
+             f"so it moves {_pick(rng, SPEED_WORDS[o.speed])}.")
         out.append(QA("speed", q, a))
     q = _pick(rng, ("Describe the scene.", "What happens in this video?", "Describe what you see in the video."))
     out.append(QA("describe", q, _describe(scene, rng)))

@@ -90,6 +90,8 @@ class SceneObject:
     y0: float
     angle0: float
     spin: float  # radians per second
+    path: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # start x, y and end x, y as fractions of
+    # the frame (first and last video frame): what answers that reason about motion quote
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,9 @@ def make_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
         rate = (4.0 if speed == "fast" else 1.5) if spin else rng.uniform(-1.0, 1.0)
         if shape == "circle" and spin:
             rate = 0.0  # a spinning disc is invisible to any camera; circles that "spin" stand still
+        path = (x0 / cfg.size, y0 / cfg.size, (x0 + dx * travel) / cfg.size, (y0 + dy * travel) / cfg.size)
         objects.append(SceneObject(shape, colour, size, motion, speed, float(x0), float(y0),
-                                   float(rng.uniform(0, np.pi)), float(rate)))
+                                   float(rng.uniform(0, np.pi)), float(rate), tuple(float(v) for v in path)))
     background = tuple(float(v) for v in rng.uniform(0, 1, size=9))
     light = (float(rng.uniform(0.0, 0.12)), float(rng.uniform(0.3, 1.5)), float(rng.uniform(0, 2 * np.pi)))
     return Scene(split, index, tuple(objects), background, light, int(rng.integers(1 << 31)))
