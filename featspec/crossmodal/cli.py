@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--n-train", type=int, default=None, help="training clips (default 3000; --tiny 24)")
     p.add_argument("--seed", type=int, default=0, help="world seed: a different seed is a different distribution")
     p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half)")
-    p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 500; the drafter gets 1.2x)")
+    p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
         e = xs.add_parser(name, help=helptext)

@@ -35,7 +35,7 @@ class PrepareConfig:
     # 0.83 at 2150 (colours are right from the start); the drafter's tower needs no colour and less shape
     probe_steps: dict = field(default_factory=lambda: {"video": 3000, "events": 1500})
     probe_batch: int = 32
-    qa_steps: dict = field(default_factory=lambda: {"video": 500, "events": 600})
+    qa_steps: dict = field(default_factory=lambda: {"video": 350, "events": 420})  # what the shipped minis got
     qa_batch: int = 4  # clips per step; each packs up to 7 of its questions (`qa_rows`)
     lr: float = 1e-3
     checkpoint_every: int = 50
