@@ -62,8 +62,9 @@ def _at(o: SceneObject, end: bool) -> str:
 
 def _direction(scene: Scene, o: SceneObject, rng: np.random.Generator) -> QA:
     """The answer states where the object starts and ends before it names the direction: two lookups in one
-    frame each, then a comparison of generated text, instead of a cross-frame comparison in one step
-    (a target trained on bare directions answered them at chance)."""
+    frame each, then a comparison of generated text, instead of a cross-frame comparison in one step.
+    Neither form has taught the mini target to read motion yet (docs/crossmodal.md): it learned the
+    comparison, not the reading of cells from the frames."""
     q = _pick(rng, ("Which way is {r} moving?", "In which direction does {r} move?", "Where is {r} going?",
                     "Describe the motion of {r}.")).format(r=_ref(scene, o))
     lead = _pick(rng, ("In the video, ", "Throughout the clip, ", ""))
