@@ -103,7 +103,13 @@ class SpeculativeGenerator:
         begin = getattr(self.drafter, "begin", None)
         if begin is not None:  # a drafter may start work (its own prefill) that overlaps the target's
             begin(prompt_ids)
-        pre = self.target.prefill(prompt_ids, hidden=wants_hidden, extra=prefill_inputs)
+        try:
+            pre = self.target.prefill(prompt_ids, hidden=wants_hidden, extra=prefill_inputs)
+        except BaseException:
+            cancel = getattr(self.drafter, "cancel", None)
+            if cancel is not None:  # stop (join) whatever `begin` started before the error leaves generate
+                cancel()
+            raise
         first = select_token(pre.logits[-1], sampling, generator)
         self.drafter.start(prompt_ids, pre)
         prefill_s = _clock(device) - t0

@@ -139,6 +139,26 @@ def test_parallel_prefill_first_verify_checks_the_drafts_made_ahead(world):
                           build_adapter("L6", 576, 576), 3, parallel=True)
 
 
+def test_failed_target_prefill_leaves_no_parallel_work_running(world):
+    """If the target's prefill raises, generate re-raises only after the drafter's thread has stopped."""
+    import threading
+
+    target, drafter, data, _ = world
+
+    class Broken(TargetModel):
+        def prefill(self, *args, **kwargs):
+            raise RuntimeError("prefill broke")
+
+    qa = question_for(data.scenes[0], 0)
+    d = CrossModalDrafter(drafter, drafter.prompt_ids(qa.question), to_pixels(data.event_images[0], drafter.image_size)[None],
+                          target.model.lm_head, None, 3, parallel=True)
+    gen = SpeculativeGenerator(Broken(target.model), d, target.eos_ids)
+    with pytest.raises(RuntimeError, match="prefill broke"):
+        gen.generate(target.prompt_ids(qa.question), 4)
+    assert d._thread is None and d.ahead == []
+    assert not any(t.name == "xmodal-parallel-prefill" for t in threading.enumerate())
+
+
 def test_adapter_save_load_roundtrip(tmp_path):
     from featspec.crossmodal.adapter_train import load_adapter, save_adapter
 

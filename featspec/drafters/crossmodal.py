@@ -75,6 +75,13 @@ class CrossModalDrafter(ModelDrafter):
         self._thread = threading.Thread(target=work, name="xmodal-parallel-prefill", daemon=True)
         self._thread.start()
 
+    def cancel(self) -> None:
+        """The target's prefill failed: wait for the parallel work (a prefill and a few tokens) and drop it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.ahead, self._error = [], None
+
     def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
         self.offset = len(prompt_ids)
         if self._thread is not None:  # parallel prefill: wait for the drafter, keep its cache and drafts

@@ -29,6 +29,9 @@ class HybridDrafter:
     def begin(self, prompt_ids: list[int]) -> None:
         self.first.begin(prompt_ids)
 
+    def cancel(self) -> None:
+        self.first.cancel()
+
     def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
         self.first.start(prompt_ids, prefill)
         self.then.start(prompt_ids, prefill)
