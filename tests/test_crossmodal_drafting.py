@@ -190,6 +190,13 @@ def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_p
     assert png.stat().st_size > 10_000
     assert main(["xmodal", "bench", "--methods", "target,xmodal-L3", *work]) == 2  # untrained level: clear error
     assert "train-adapter --level L3" in capsys.readouterr().err
+    # a fresh distribution: another seed, one object per clip; the report says which world it ran on
+    assert main(["xmodal", "bench", "--limit", "1", "--max-new-tokens", "4", "--methods", "target,xmodal-L1", "--seed", "7",
+                 "--max-objects", "1", "--json", str(out), *work]) == 0
+    world = __import__("json").loads(out.read_text())["world"]
+    assert world["seed"] == 7 and world["max_objects"] == 1
+    assert main(["xmodal", "bench", "--spin-prob", "1.5", *work]) == 2
+    assert "--spin-prob" in capsys.readouterr().err
 
 
 def test_hybrid_drafts_cross_modal_first_then_with_the_targets_head(world, tmp_path):

@@ -78,6 +78,11 @@ def add_drafting_parsers(xs) -> None:
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--json", default="xmodal-bench.json")
     b.add_argument("--png", default=None, help="also plot speedup, tau and one clip's timeline per method here")
+    b.add_argument("--seed", type=int, default=None,
+                   help="world seed of the clips (default: the one the models were trained on); a new seed is a fresh distribution")
+    b.add_argument("--max-objects", type=int, choices=(1, 2, 3), default=None, help="objects per clip at most (default: the models' world)")
+    b.add_argument("--spin-prob", type=float, default=None, help="chance an object spins in place instead of moving (0-1)")
+    b.add_argument("--camera-shake", type=float, default=None, help="whole-image jitter amplitude in pixels (0 = static camera)")
 
 
 def _work(args) -> Path:
@@ -172,6 +177,18 @@ def run(args) -> int:
     return run_drafting(args)
 
 
+def _scene_options(args, world):
+    """The models' world with the bench's --seed / scene options applied (a user's fresh distribution)."""
+    import dataclasses
+
+    if args.spin_prob is not None and not 0 <= args.spin_prob <= 1:
+        raise FeatspecError(f"--spin-prob must be in [0, 1], got {args.spin_prob}")
+    if args.camera_shake is not None and args.camera_shake < 0:
+        raise FeatspecError(f"--camera-shake must be >= 0, got {args.camera_shake}")
+    changes = {k: getattr(args, k) for k in ("seed", "max_objects", "spin_prob", "camera_shake") if getattr(args, k) is not None}
+    return dataclasses.replace(world, **changes) if changes else world
+
+
 def run_drafting(args) -> int:
     from featspec.crossmodal.adapter_train import load_adapter, measure, save_adapter, train_adapter
     from featspec.crossmodal.adapters import LEVELS
@@ -235,10 +252,11 @@ def run_drafting(args) -> int:
 
         head = load_head(adir / "eagle3", dtype=dtype).bind(target.model)
     kit = Kit(target, drafter, adapters, head, args.draft_length)
+    world = _scene_options(args, world)
     result = run_bench(kit, build_split(world, args.split, args.limit + 1), methods, args.limit, args.max_new_tokens)
     print(markdown(result))
     Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "func"},
-                                           "methods": result}, indent=1, default=str))
+                                           "world": world.to_json(), "methods": result}, indent=1, default=str))
     print(f"wrote {args.json}")
     if args.png:
         plot(result, Path(args.png), f"xmodal bench: {args.split}, {args.limit} clips, {args.dtype}")
