@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -177,16 +178,14 @@ def run(args) -> int:
     return run_drafting(args)
 
 
-def _scene_options(args, world):
-    """The models' world with the bench's --seed / scene options applied (a user's fresh distribution)."""
-    import dataclasses
-
+def _scene_options(args) -> dict:
+    """The bench's --seed / scene options as WorldConfig changes (a user's fresh distribution), checked
+    before any model loads."""
     if args.spin_prob is not None and not 0 <= args.spin_prob <= 1:
         raise FeatspecError(f"--spin-prob must be in [0, 1], got {args.spin_prob}")
     if args.camera_shake is not None and args.camera_shake < 0:
         raise FeatspecError(f"--camera-shake must be >= 0, got {args.camera_shake}")
-    changes = {k: getattr(args, k) for k in ("seed", "max_objects", "spin_prob", "camera_shake") if getattr(args, k) is not None}
-    return dataclasses.replace(world, **changes) if changes else world
+    return {k: getattr(args, k) for k in ("seed", "max_objects", "spin_prob", "camera_shake") if getattr(args, k) is not None}
 
 
 def run_drafting(args) -> int:
@@ -195,6 +194,7 @@ def run_drafting(args) -> int:
     from featspec.crossmodal.evaluate import load_pair
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    scene_changes = _scene_options(args) if args.xmodal_command == "bench" else {}
     target, drafter, world = load_pair(_models(args), dtype)
     embed = target.model.get_input_embeddings()
     if args.xmodal_command == "train-adapter":
@@ -252,7 +252,7 @@ def run_drafting(args) -> int:
 
         head = load_head(adir / "eagle3", dtype=dtype).bind(target.model)
     kit = Kit(target, drafter, adapters, head, args.draft_length)
-    world = _scene_options(args, world)
+    world = dataclasses.replace(world, **scene_changes)
     result = run_bench(kit, build_split(world, args.split, args.limit + 1), methods, args.limit, args.max_new_tokens)
     print(markdown(result))
     Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "func"},
