@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--regenerate", action="store_true", help="answer the first user turn of each conversation with the target itself (greedy, "
                         "batched, cached under ~/.cache/featspec/regenerated) and train on those answers")
 
+    t.add_argument("--cache-features", default="", metavar="DIR",
+                   help="compute the target's features once into DIR (disk estimate printed first) and read them in "
+                        "every epoch, instead of running the target in each step")
     t.add_argument("--init-from", default="",
                    help="start from this head directory or run directory (its checkpoint), e.g. to fine-tune on "
                         "regenerated answers")
@@ -133,6 +136,7 @@ def cmd_train(args) -> int:
         grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, ttt_steps=args.ttt_steps,
         draft_vocab=args.draft_vocab, dtype=args.dtype, save_every=args.save_every, eval_every=args.eval_every,
         max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate, init_from=args.init_from,
+        cache_features=args.cache_features,
     )
     if cfg.lr <= 0:
         raise FeatspecError(f"--lr must be > 0, got {cfg.lr}")

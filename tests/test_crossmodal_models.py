@@ -79,6 +79,29 @@ def test_prepare_resumes_exactly(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prepare_init_continues_one_role_from_a_run(tiny_run, tmp_path, capsys):
+    """`--roles target --init RUN` trains only the target, starting from RUN's weights (not from scratch)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "more"
+    assert main(["xmodal", "prepare", "--tiny", "--out", str(out), "--roles", "target", "--init", str(tiny_run)]) == 0
+    assert (out / "target").is_dir() and not (out / "drafter").exists()
+    assert json.loads((out / "target" / "config.json").read_text())["init"] == str(tiny_run)
+    before = load_file(str(tiny_run / "target" / "weights.safetensors"))
+    after = load_file(str(out / "target" / "weights.safetensors"))
+    assert set(after) == set(before)
+    # a few steps from RUN's towers and projectors stay close to them; a fresh (random) start would not
+    cos = torch.nn.functional.cosine_similarity
+    for k in before:
+        if not k.endswith(("lora_a", "lora_b")) and before[k].dim() == 2:  # weight matrices start random
+            assert cos(after[k].float().flatten(), before[k].float().flatten(), dim=0) > 0.9, k
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    capsys.readouterr()
+    assert main(["xmodal", "prepare", "--tiny", "--out", str(tmp_path / "x"), "--roles", "drafter",
+                 "--init", str(out)]) == 2
+    assert "has no drafter/weights.safetensors" in capsys.readouterr().err
+
+
 def _tokenizer():
     return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
 

@@ -106,3 +106,25 @@ def test_regenerate_answers_with_the_target_and_caches(tiny_target_dir, tmp_path
     monkeypatch.setattr(lm.model, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
     again = load_regenerated(lm, 3, 256, seed=0, max_new_tokens=12)
     assert [e.ids for e in again] == [e.ids for e in examples]
+
+
+def test_feature_cache_trains_like_online_features_and_is_keyed(tiny_target_dir, tmp_path, capsys):
+    """--cache-features: the same losses as features computed online (padding included), the target runs
+    once per example, and a cache made for other data is refused."""
+    target_dir, _ = tiny_target_dir
+    cache = tmp_path / "feats"
+    train(config(target_dir, tmp_path / "online", batch_size=2, grad_accum=1))
+    train(config(target_dir, tmp_path / "cached", batch_size=2, grad_accum=1, cache_features=str(cache)))
+    assert "GB on disk" in capsys.readouterr().out
+    online = json.loads((tmp_path / "online" / "train_log.json").read_text())["log"]
+    cached = json.loads((tmp_path / "cached" / "train_log.json").read_text())["log"]
+    assert len(online) == len(cached) == 3
+    for a, b in zip(online, cached):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == 6 and not list(cache.glob("*.tmp"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    train(config(target_dir, tmp_path / "again", batch_size=2, grad_accum=1, cache_features=str(cache)))
+    assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.pt"))] == stamps  # read, not recomputed
+    with pytest.raises(FeatspecError, match="other data"):
+        train(config(target_dir, tmp_path / "other", max_conversations=5, cache_features=str(cache)))

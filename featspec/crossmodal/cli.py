@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="world seed: a different seed is a different distribution")
     p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half)")
     p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
+    p.add_argument("--roles", choices=("both", "target", "drafter"), default="both", help="which models to train (default both)")
+    p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
         e = xs.add_parser(name, help=helptext)
@@ -130,6 +132,7 @@ def _models(args) -> Path:
 def run(args) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
     if args.xmodal_command == "prepare":
+        from featspec.crossmodal.evaluate import SHIPPED
         from featspec.crossmodal.scenes import WorldConfig
         from featspec.crossmodal.train import PrepareConfig, prepare
         from featspec.models.registry import cache_root
@@ -149,11 +152,18 @@ def run(args) -> int:
             if args.n_train < 8:
                 raise FeatspecError(f"--n-train must be >= 8, got {args.n_train}")
             cfg.n_train = args.n_train
+        cfg.roles = ("target", "drafter") if args.roles == "both" else (args.roles,)
+        if args.init is not None:
+            cfg.init = Path(args.init).expanduser()
+            for role in cfg.roles:
+                if not (cfg.init / role / "weights.safetensors").exists():
+                    raise FeatspecError(f"--init {cfg.init} has no {role}/weights.safetensors: point at a prepared run "
+                                        f"(or {SHIPPED})")
         t0 = time.time()
         report = prepare(cfg)
-        print(f"prepared {out}: target and drafter trained in {time.time() - t0:.0f} s "
-              f"(visual tokens {report['target']['visual_tokens']} vs {report['drafter']['visual_tokens']}); "
-              f"evaluate with `featspec xmodal eval --models {out}`")
+        tokens = " vs ".join(str(report[r]["visual_tokens"]) for r in cfg.roles)
+        print(f"prepared {out}: {' and '.join(cfg.roles)} trained in {time.time() - t0:.0f} s "
+              f"(visual tokens {tokens}); evaluate with `featspec xmodal eval --models {out}`")
         return 0
     if args.xmodal_command == "eval":
         from featspec.crossmodal.evaluate import evaluate, report_markdown

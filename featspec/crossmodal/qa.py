@@ -14,6 +14,7 @@ import numpy as np
 from featspec.crossmodal.scenes import COLOURS, SHAPES, Scene, SceneObject
 
 ATTRIBUTES = ("direction", "count", "shape", "colour", "speed")
+GRID = 10  # direction answers quote start and end cells on a GRID x GRID grid
 KINDS = ATTRIBUTES + ("describe",)
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 DIR_PHRASES = {"left": ("to the left", "leftward", "left"), "right": ("to the right", "rightward", "right"),
@@ -54,10 +55,15 @@ def _describe(scene: Scene, rng: np.random.Generator) -> str:
     return " ".join(parts)
 
 
+def grid_cell(fraction: float) -> int:
+    """A position in [0, 1] as a cell of the GRID x GRID grid that direction answers quote."""
+    return min(GRID - 1, int(fraction * GRID))
+
+
 def _at(o: SceneObject, end: bool) -> str:
-    """Where an object is in the first (or last) frame, on a 10 x 10 grid: "x 2, y 7"."""
+    """Where an object is in the first (or last) frame, on the grid: "x 2, y 7"."""
     fx, fy = o.path[2:] if end else o.path[:2]
-    return f"x {min(9, int(fx * 10))}, y {min(9, int(fy * 10))}"
+    return f"x {grid_cell(fx)}, y {grid_cell(fy)}"
 
 
 def _direction(scene: Scene, o: SceneObject, rng: np.random.Generator) -> QA:

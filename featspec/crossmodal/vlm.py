@@ -223,26 +223,38 @@ def save_mini(vlm: VLM, spec: MiniSpec, out: Path, meta: dict) -> None:
     atomic_dir_write(Path(out), write)
 
 
-def load_mini(path: Path, dtype: torch.dtype = torch.bfloat16, device=None, backbone=None) -> VLM:
-    """Backbone + shipped tensors, LoRA merged: a plain VideoLlava / EventChat model in `dtype`."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
+def _mini_meta(path: Path) -> dict:
     if not (path / "config.json").exists() or not (path / "weights.safetensors").exists():
         raise FeatspecError(f"{path} holds no mini model (config.json + weights.safetensors): run `featspec xmodal prepare`")
-    meta = json.loads((path / "config.json").read_text())
-    spec = MiniSpec(**meta["spec"])
-    vlm = (build_target if meta["kind"] == "video" else build_drafter)(spec, backbone)
-    add_lora(vlm, spec.lora_rank)
+    return json.loads((path / "config.json").read_text())
+
+
+def load_trained(vlm: VLM, path: Path) -> None:
+    """Copy a saved mini's trained tensors into `vlm` (built with LoRA, not merged): loading, or the start of
+    a run that continues from it (`xmodal prepare --init`)."""
+    from safetensors.torch import load_file
+
+    meta = _mini_meta(path)
+    if meta["kind"] != vlm.kind:
+        raise FeatspecError(f"{path} holds a {meta['kind']} mini, not a {vlm.kind} one: point at the run's target/ or drafter/")
     state = load_file(str(path / "weights.safetensors"))
     expected = trained_state(vlm)
-    if set(state) != set(expected):
-        odd = sorted(set(state) ^ set(expected))[0]
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        odd = sorted(set(state) ^ set(expected) or [k for k, v in expected.items() if state[k].shape != v.shape])[0]
         raise FeatspecError(f"{path}/weights.safetensors does not match the mini layout ({odd}): re-run `featspec xmodal prepare`")
     with torch.no_grad():
         for k, v in vlm.model.named_parameters():
             if k in state:
                 v.copy_(state[k].to(v.dtype))
+
+
+def load_mini(path: Path, dtype: torch.dtype = torch.bfloat16, device=None, backbone=None) -> VLM:
+    """Backbone + shipped tensors, LoRA merged: a plain VideoLlava / EventChat model in `dtype`."""
+    meta = _mini_meta(Path(path))
+    spec = MiniSpec(**meta["spec"])
+    vlm = (build_target if meta["kind"] == "video" else build_drafter)(spec, backbone)
+    add_lora(vlm, spec.lora_rank)
+    load_trained(vlm, Path(path))
     merge_lora(language_of(vlm))
     vlm.model.to(device=device or torch.device("cpu"), dtype=dtype).eval().requires_grad_(False)
     return vlm

@@ -1,6 +1,6 @@
 """`featspec train`: train an EAGLE-1 or EAGLE-3 head with accelerate, checkpointing and exact resume.
 
-The frozen target runs inside the loop (online features). The same command runs on a CPU, one GPU,
+The frozen target runs inside the loop (online features), or once per example with `cache_features`. The same command runs on a CPU, one GPU,
 or several under `accelerate launch`. Checkpoints (head, optimizer, scheduler, step, loss log) are
 written atomically every `save_every` optimizer steps; batches and feature noise are derived from
 (seed, step), so a resumed run continues with exactly the data and randomness it would have seen.
@@ -24,6 +24,7 @@ from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head
 from featspec.heads.layers import HeadConfig
 from featspec.train.data import Example, batch_order, collate, draft_vocabulary, load_regenerated, load_sharegpt
+from featspec.train.features import cache_key, cached_batch, estimate_bytes, fill_cache, open_cache
 from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
 
 
@@ -52,6 +53,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0 = the whole schedule)
     regenerate: bool = False  # train on the target's own greedy answers to the first user turns
     init_from: str = ""  # start from this head directory or trainer checkpoint (weights and draft vocabulary)
+    cache_features: str = ""  # directory for the target's features, computed once (default: online every epoch)
 
 
 def build_head(cfg: TrainConfig, target_config, examples: list[Example], always_ids: list[int]) -> DraftHead:
@@ -167,6 +169,21 @@ Trained with featspec's own trainer on this machine ({state.get('device')}, {sta
 """
 
 
+def _feature_cache(cfg: TrainConfig, head: DraftHead, target, examples: list[Example], pad_id: int, device, accel) -> Path:
+    """Print the disk estimate, then fill (or reopen) the --cache-features directory."""
+    store = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    n_states, hidden = len(head.layer_ids) + 1, target.config.get_text_config().hidden_size
+    need = estimate_bytes(examples, n_states, hidden, store)
+    tokens = sum(len(e.ids) for e in examples)
+    print(f"featspec: feature cache {cfg.cache_features}: {tokens:,} tokens x {n_states} hidden states x {hidden} "
+          f"({str(store).replace('torch.', '')}) = ~{need / 1e9:.2f} GB on disk", flush=True)
+    path = open_cache(Path(cfg.cache_features), cache_key(cfg.target, cfg.dtype, tuple(head.layer_ids), examples), need)
+    if accel.is_main_process:
+        fill_cache(path, target, head, examples, pad_id, device, store, accel.autocast)
+    accel.wait_for_everyone()
+    return path
+
+
 def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     from accelerate import Accelerator
 
@@ -223,6 +240,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         state.update(json.loads((found / "meta.json").read_text()))
         print(f"featspec: resuming {out} at step {state['step']}/{total_steps}", flush=True)
     raw_head = head
+    cache = _feature_cache(cfg, raw_head, target, examples, pad_id, device, accel) if cfg.cache_features else None
     model, optimizer = accel.prepare(HeadLoss(cfg, head, target.get_output_embeddings()), optimizer)
 
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -238,7 +256,10 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         batch_ids = batch_order(len(examples), cfg.batch_size, epoch, cfg.seed)[index]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
         with accel.accumulate(model), accel.autocast():
-            tb = target_batch(target, raw_head, batch)
+            if cache is not None:
+                tb = cached_batch(cache, examples, batch_ids, pad_id, device)
+            else:
+                tb = target_batch(target, raw_head, batch)
             loss, stats = model(tb, cfg.seed * 7919 + state["micro"])
             accel.backward(loss)
             if accel.sync_gradients:
