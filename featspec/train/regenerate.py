@@ -3,12 +3,11 @@ own text (where the target is confident, as it is when it generates) rather than
 
 The first user turn of each conversation is answered greedily in length-sorted batches with left
 padding. Answers are appended to a JSONL file per batch, so an interrupted run resumes where it
-stopped; the file is keyed by target, length limits and conversation ids.
+stopped; the file is keyed by target and answer length limit, its rows by conversation id.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,10 +17,11 @@ from tqdm import tqdm
 from featspec.models.registry import cache_root
 
 
-def regenerated_path(target_spec: str, ids: list[str], max_new_tokens: int) -> Path:
-    key = hashlib.sha1(json.dumps([target_spec, max_new_tokens, ids]).encode()).hexdigest()[:12]
+def regenerated_path(target_spec: str, max_new_tokens: int) -> Path:
+    """One file per (target, length limit), rows keyed by conversation id: a run over more conversations
+    reuses every answer an earlier run wrote."""
     safe = target_spec.replace("/", "--")
-    return cache_root() / "regenerated" / f"{safe}-{key}.jsonl"
+    return cache_root() / "regenerated" / f"{safe}-max{max_new_tokens}.jsonl"
 
 
 def _done(path: Path) -> dict[str, list[dict[str, str]]]:
@@ -44,7 +44,7 @@ def regenerate(lm, convs: list[tuple[str, str]], max_new_tokens: int = 320, batc
     from featspec.prompts import encode_messages
 
     tok, model = lm.tokenizer, lm.model
-    path = regenerated_path(lm.spec, [c for c, _ in convs], max_new_tokens)
+    path = regenerated_path(lm.spec, max_new_tokens)
     done = _done(path)
     todo = []
     for cid, text in convs:
