@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featspec.crossmodal.qa import GRID, questions
+from featspec.crossmodal.qa import questions
 from featspec.crossmodal.scenes import Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
@@ -60,10 +60,6 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
     `min_cover`), that object's centre relative to the patch and in the image (so tokens state where an
     object is, which direction answers compare across frames), and per image the object count.
 
-    The position is also given as the object's cell on the grid direction answers quote (`qa.GRID`), a
-    class per axis: with the position only regressed, a QA-trained target quoted nearly the same cells for
-    every clip (35 % on directions) while it read colours and shapes, which the tower learns as classes.
-
     Every patch an object covers is labelled, not only the one holding its centre: the centre patch of a
     large object is uniformly filled, and the shape shows only at the edges, in the neighbours (with
     centre-only labels the tower learned colours, 95 %, but shapes at 36 %, near the 25 % of chance).
@@ -80,7 +76,6 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
     colour = np.zeros((n, f, g * g), dtype=np.int64)
     shape = np.zeros((n, f, g * g), dtype=np.int64)
     offset = np.zeros((n, f, g * g, 4), dtype=np.float32)
-    cell = np.zeros((n, f, g * g, 2), dtype=np.int64)
     count = np.zeros(n, dtype=np.int64)
     cells = np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="xy"), -1).reshape(-1, 2)  # (x, y) per cell
     for i, sc in enumerate(scenes):
@@ -100,20 +95,17 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
             colour[i, rows, cols] = world.colours.index(o.colour) + 1 if kind == "video" else 0
             c = centres[rows, k]
             offset[i, rows, cols] = np.concatenate([c / patch - cells[cols], c / world.size], axis=1)
-            cell[i, rows, cols] = np.minimum(GRID - 1, (c / world.size * GRID).astype(np.int64))
     return {"colour": torch.from_numpy(colour), "shape": torch.from_numpy(shape), "offset": torch.from_numpy(offset),
-            "cell": torch.from_numpy(cell), "count": torch.from_numpy(count)}
+            "count": torch.from_numpy(count)}
 
 
 class DenseProbe(nn.Module):
-    """Reads patch tokens into (colour, shape, offset, grid cell) and the CLS token into a count; discarded
-    after stage 1."""
+    """Reads patch tokens into (colour, shape, offset) and the CLS token into a count; discarded after stage 1."""
 
     def __init__(self, dim: int, world: WorldConfig) -> None:
         super().__init__()
         self.sizes = (len(world.colours) + 1, len(world.shapes) + 1, 4)
         self.patch = nn.Linear(dim, sum(self.sizes))
-        self.cell = nn.Linear(dim, 2 * GRID)  # x classes, then y classes
         self.cls = nn.Linear(dim, world.max_objects)
 
     @staticmethod
@@ -138,8 +130,6 @@ class DenseProbe(nn.Module):
             if with_colour:
                 loss = loss + ce(out[..., 1:c][present], t["colour"][idx][present] - 1)
             loss = loss + 4 * (out[..., c + s:][present] - t["offset"][idx][present]).pow(2).mean()
-            cell = self.cell(tokens[:, :, 1:][present]).unflatten(-1, (2, GRID))
-            loss = loss + ce(cell.flatten(0, 1), t["cell"][idx][present].flatten())
         count = self.cls(tokens[:, :, 0])
         return loss + ce(count.flatten(0, 1), t["count"][idx].repeat_interleave(tokens.shape[1]))
 
