@@ -46,8 +46,7 @@ def open_cache(path: Path, key: str, need_bytes: int) -> Path:
             raise FeatspecError(f"--cache-features {path} holds features of other data or another target: "
                                 "choose an empty directory")
         return path
-    have = sum(f.stat().st_size for f in path.glob("*.pt"))
-    if have:
+    if any(path.glob("*.pt")):
         raise FeatspecError(f"--cache-features {path} holds feature files but no key.json: choose an empty directory")
     free = shutil.disk_usage(path).free
     if need_bytes > free:
@@ -72,15 +71,14 @@ def fill_cache(path: Path, target: torch.nn.Module, head, examples: list[Example
         os.replace(tmp, path / f"{i}.pt")
 
 
-def cached_batch(path: Path, examples: list[Example], indices: list[int], pad_id: int, device) -> TargetBatch:
-    """The TargetBatch the online forward would give for these examples (right-padded with zeros)."""
-    batch = collate([examples[i] for i in indices], pad_id)
-    width = batch["input_ids"].shape[1]
+def cached_batch(path: Path, batch: dict[str, torch.Tensor], indices: list[int]) -> TargetBatch:
+    """The TargetBatch the online forward would give for this collated batch of examples `indices`
+    (features right-padded with zeros to the batch's width)."""
+    width, device = batch["input_ids"].shape[1], batch["input_ids"].device
     blobs = [torch.load(path / f"{i}.pt", map_location="cpu") for i in indices]
 
     def stack(rows: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows]).to(device)
 
     hidden = [stack([b["hidden"][j] for b in blobs]) for j in range(len(blobs[0]["hidden"]))]
-    return TargetBatch(hidden, stack([b["last"] for b in blobs]), batch["input_ids"].to(device),
-                       batch["loss_mask"].to(device))
+    return TargetBatch(hidden, stack([b["last"] for b in blobs]), batch["input_ids"], batch["loss_mask"])

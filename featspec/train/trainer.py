@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
         with accel.accumulate(model), accel.autocast():
             if cache is not None:
-                tb = cached_batch(cache, examples, batch_ids, pad_id, device)
+                tb = cached_batch(cache, batch, batch_ids)
             else:
                 tb = target_batch(target, raw_head, batch)
             loss, stats = model(tb, cfg.seed * 7919 + state["micro"])
