@@ -53,6 +53,7 @@ def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | Non
     if isinstance(head, Eagle3Head):
         cfg["architectures"] = [EAGLE3_ARCH]
         cfg["draft_vocab_size"] = c.draft_vocab_size
+        cfg["norm_before_residual"] = c.norm_before_residual
         if c.target_hidden_size and c.target_hidden_size != c.hidden_size:
             cfg["target_hidden_size"] = c.target_hidden_size
         fs["layer_ids"] = list(head.layer_ids)
@@ -169,6 +170,7 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
         draft_vocab_size=int(cfg.get("draft_vocab_size") or (cfg["vocab_size"] if is3 else 0)),
         target_hidden_size=int(cfg.get("target_hidden_size") or hidden),
         target_num_layers=int(fs.get("target_num_layers") or 0),
+        norm_before_residual=bool(cfg.get("norm_before_residual", False)),
     )
     if is3:
         ids = fs.get("layer_ids")

@@ -195,3 +195,57 @@ def test_third_party_eagle3_without_featspec_block(tmp_path, target):
     assert loaded.layer_ids == head.layer_ids
     for k, v in head.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+
+
+@pytest.mark.parametrize("norm_before_residual", [False, True])
+def test_norm_before_residual_is_saved_and_changes_the_output(tmp_path, target, norm_before_residual):
+    """config.json records which residual convention the head uses (vLLM reads the same key, default False),
+    and the reloaded head computes the same features; the two conventions really differ."""
+    head = make_eagle3(target)
+    head.cfg.norm_before_residual = norm_before_residual
+    save_head(head, tmp_path / "h", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["norm_before_residual"] is norm_before_residual
+    back = load_head(tmp_path / "h").bind(target).eval()
+    assert back.cfg.norm_before_residual is norm_before_residual
+    feats = 3 * torch.randn(1, 4, target.config.hidden_size)
+    tokens, pos = torch.randint(0, target.config.vocab_size, (1, 4)), torch.arange(4)[None]
+    with torch.no_grad():
+        a, b = head(feats, tokens, pos), back(feats, tokens, pos)
+        head.cfg.norm_before_residual = not norm_before_residual
+        other = head(feats, tokens, pos)
+    torch.testing.assert_close(a, b)
+    assert (a - other).abs().max() > 1e-3
+
+
+def test_third_party_eagle3_defaults_to_the_official_residual(tmp_path, target):
+    """A config.json without the key (official EAGLE-3 checkpoints) loads with the residual before hidden_norm."""
+    head = make_eagle3(target)
+    save_head(head, tmp_path / "h", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    del cfg["norm_before_residual"]
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    assert load_head(tmp_path / "h").cfg.norm_before_residual is False
+
+
+def test_init_from_target_reads_features_like_the_target(target):
+    """After init_from_target, the head's output layer gives the target's logits over the draft vocabulary."""
+    head = make_eagle3(target)
+    head.init_from_target(target)
+    x = 2 * torch.randn(3, target.config.hidden_size)
+    with torch.no_grad():
+        want = target.lm_head(target.model.norm(x))[:, head.draft_ids]
+        torch.testing.assert_close(head.logits(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_target_on_gemma_uses_its_effective_norm_scale():
+    """Gemma's RMSNorm scales by (1 + w): the copied scale is the effective one, not the raw parameter."""
+    gemma = build_model(gemma3_config(), seed=0)
+    with torch.no_grad():
+        gemma.model.norm.weight.normal_()
+    head = make_eagle3(gemma)
+    head.init_from_target(gemma)
+    x = torch.randn(2, gemma.config.hidden_size)
+    with torch.no_grad():
+        want = gemma.lm_head(gemma.model.norm(x))[:, head.draft_ids]
+        torch.testing.assert_close(head.logits(x), want, rtol=1e-4, atol=1e-4)

@@ -46,9 +46,8 @@ def train_target_head(target: VLM, data: SplitData, work: Path, head_dir: Path, 
     cfg = TrainConfig(method="eagle3", target="xmodal-mini-target", ttt_steps=ttt_steps, draft_vocab=draft_vocab, lr=lr,
                       batch_size=batch_size, seed=seed, dtype=str(target.model.dtype).replace("torch.", ""))
     examples = clip_examples(target, data, seed)
-    tcfg = target.model.config.text_config
     torch.manual_seed(seed)
-    head = build_head(cfg, tcfg, [e for _, e in examples], target.eos_ids).bind(target.model)
+    head = build_head(cfg, target.model, [e for _, e in examples], target.eos_ids).bind(target.model)
     head.float().train()
     loss_fn = HeadLoss(cfg, head, target.model.lm_head)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.95))

@@ -1,8 +1,9 @@
 """EAGLE-3 head: fuse three target layers, draft over a reduced vocabulary, trained with TTT.
 
 Inputs are the hidden states entering target layers (2, L//2, L-3), concatenated and mapped by
-`fc: 3H -> H`. The decoder layer's q/k/v read `cat[input_layernorm(embed), hidden_norm(h)]` (2H) and
-the residual stream starts from `hidden_norm(h)`. `norm` + `lm_head` give logits over the draft
+`fc: 3H -> H`. The decoder layer's q/k/v read `cat[input_layernorm(embed), hidden_norm(h)]` (2H); the
+residual stream starts from `h` itself (the official convention), or from `hidden_norm(h)` when
+`cfg.norm_before_residual` (config.json says which, as vLLM reads it). `norm` + `lm_head` give logits over the draft
 vocabulary; `d2t[i] = target_id - i` maps back, `t2d` marks the target ids the head can propose.
 Tensor names are the ones vLLM and SGLang load (`LlamaForCausalLMEagle3`).
 """
@@ -69,6 +70,21 @@ class Eagle3Head(DraftHead):
         self.t2d.zero_()
         self.t2d[ids] = True
 
+    @torch.no_grad()
+    def init_from_target(self, target: nn.Module) -> None:
+        """Start `lm_head` from the target's output rows of the draft vocabulary and `norm` from the target's
+        final norm. Why: a short run cannot learn a draft-vocab x H output matrix from scratch; from this start
+        the head only has to produce a feature the target's own output layer reads correctly."""
+        out_w = target.get_output_embeddings().weight
+        self.lm_head.weight.copy_(out_w[self.draft_ids.to(out_w.device)].to(self.lm_head.weight))
+        body = target.get_decoder() if hasattr(target, "get_decoder") else target.model
+        final_norm = getattr(body, "norm", None)
+        if final_norm is not None:
+            # the norm applied to a vector of ones is its effective scale, whatever its parametrisation
+            # (LLaMA's w, Gemma's 1 + w)
+            ones = torch.ones(1, self.cfg.hidden_size, device=out_w.device, dtype=out_w.dtype)
+            self.norm.weight.copy_(final_norm(ones)[0].to(self.norm.weight))
+
     @property
     def draft_ids(self) -> torch.Tensor:
         """Target id of every draft id."""
@@ -79,8 +95,9 @@ class Eagle3Head(DraftHead):
 
     def forward(self, feats, tokens, positions, cache: KVCache | None = None, mask=None, ttt_past: list | None = None):
         layer = self.midlayer
-        residual = layer.hidden_norm(feats)
-        x = torch.cat([layer.input_layernorm(self.embed(tokens).to(feats.dtype)), residual], -1)
+        normed = layer.hidden_norm(feats)
+        residual = normed if self.cfg.norm_before_residual else feats
+        x = torch.cat([layer.input_layernorm(self.embed(tokens).to(feats.dtype)), normed], -1)
         x = residual + self.attend(layer.self_attn, x, positions, cache, mask, ttt_past)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

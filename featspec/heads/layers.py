@@ -29,6 +29,9 @@ class HeadConfig:
     draft_vocab_size: int = 0  # EAGLE-3: size of the head's own LM head (0 for EAGLE-1)
     target_hidden_size: int = 0  # the target's hidden size (EAGLE-3 fc input is 3x this)
     target_num_layers: int = 0  # the target's decoder layer count, to validate and pick fusion layers
+    # EAGLE-3: the residual stream starts from hidden_norm(fc(h)) (True) or from fc(h) itself (False, the
+    # official EAGLE-3 code and the default vLLM / SGLang assume when config.json does not say)
+    norm_before_residual: bool = False
 
     @classmethod
     def from_target(cls, cfg, draft_vocab_size: int = 0) -> "HeadConfig":

@@ -56,13 +56,15 @@ class TrainConfig:
     cache_features: str = ""  # directory for the target's features, computed once (default: online every epoch)
 
 
-def build_head(cfg: TrainConfig, target_config, examples: list[Example], always_ids: list[int]) -> DraftHead:
+def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: list[int]) -> DraftHead:
+    target_config = target.config.get_text_config()
     if cfg.method == "eagle1":
         return Eagle1Head(HeadConfig.from_target(target_config))
     if cfg.method == "eagle3":
         size = min(cfg.draft_vocab, target_config.vocab_size)
         head = Eagle3Head(HeadConfig.from_target(target_config, draft_vocab_size=size))
         head.set_vocab(draft_vocabulary(examples, size, target_config.vocab_size, always_ids))
+        head.init_from_target(target)
         return head
     raise FeatspecError(f"unknown training method '{cfg.method}': use eagle1 or eagle3")
 
@@ -210,7 +212,6 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     device = accel.device
     lm = load_model(cfg.target, cfg.dtype, device=device)
     target, tok = lm.model, lm.tokenizer
-    tcfg = target.config.get_text_config()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     if cfg.regenerate:
         examples = load_regenerated(lm, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
@@ -220,7 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
     eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
-    head = build_head(cfg, tcfg, examples, eos).bind(target).to(device)
+    head = build_head(cfg, target, examples, eos).bind(target).to(device)
     if cfg.init_from and found is None:
         init_weights(head, cfg.init_from)
     head.train()
