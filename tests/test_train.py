@@ -128,3 +128,45 @@ def test_feature_cache_trains_like_online_features_and_is_keyed(tiny_target_dir,
     assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.pt"))] == stamps  # read, not recomputed
     with pytest.raises(FeatspecError, match="other data"):
         train(config(target_dir, tmp_path / "other", max_conversations=5, cache_features=str(cache)))
+
+
+def test_feature_scale_fold_is_the_same_function():
+    """Training reads x / scale; the folded weight reads x: the fc output is identical, and unfold inverts fold."""
+    from featspec.train.precondition import feature_scale, fold, unfold
+
+    torch.manual_seed(0)
+    rows = [[torch.randn(9, 4) * torch.tensor([1.0, 50.0, 0.1, 3.0]), torch.randn(9, 4)] for _ in range(5)]
+    rows[0][0][0] = 1e4  # an attention-sink position 0: left out of the statistics
+    scale = feature_scale(rows)
+    assert scale.shape == (8,)
+    assert scale[1] == pytest.approx(50.0, rel=0.25) and scale[2] == pytest.approx(0.1, rel=0.25)
+    w = torch.randn(3, 8)
+    x = torch.cat(rows[1], -1)
+    torch.testing.assert_close((x / scale) @ w.T, x @ fold(w, scale).T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(unfold(fold(w, scale), scale), w)
+
+
+def test_preconditioned_run_saves_a_head_that_reads_raw_features(tiny_target_dir, tmp_path):
+    """The saved head (fc folded) gives the training-time loss on raw features; the checkpoint keeps the scale."""
+    from featspec.models.registry import load_model
+    from featspec.train.data import collate, load_sharegpt
+    from featspec.train.losses import eagle3_loss, target_batch
+    from featspec.train.precondition import scaled
+
+    target_dir, tok = tiny_target_dir
+    cfg = config(target_dir, tmp_path / "run", max_steps=2)
+    train(cfg)
+    blob = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    scale = blob["feature_scale"]
+    assert scale is not None and not torch.allclose(scale, torch.ones_like(scale))
+    lm = load_model(str(target_dir), "float32")
+    saved = load_head(tmp_path / "run" / "head").bind(lm.model)
+    trained = load_head(tmp_path / "run" / "head").bind(lm.model)
+    trained.load_state_dict(blob["head"])
+    ex = load_sharegpt(tok, 1, 64, seed=0, heldout=True)
+    batch = collate(ex, 0)
+    tb = target_batch(lm.model, saved, batch)
+    raw, _ = eagle3_loss(saved, tb, 2, lm.model.get_output_embeddings())
+    pre, _ = eagle3_loss(trained, scaled(tb, scale), 2, lm.model.get_output_embeddings())
+    assert float(raw) == pytest.approx(float(pre), rel=1e-4)
+    assert not torch.allclose(saved.fc.weight, trained.fc.weight)

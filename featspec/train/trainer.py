@@ -26,6 +26,7 @@ from featspec.heads.layers import HeadConfig
 from featspec.train.data import Example, batch_order, collate, draft_vocabulary, load_regenerated, load_sharegpt
 from featspec.train.features import cache_key, cached_batch, estimate_bytes, fill_cache, open_cache
 from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
+from featspec.train.precondition import feature_scale, fold, scaled, unfold
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrainConfig:
     regenerate: bool = False  # train on the target's own greedy answers to the first user turns
     init_from: str = ""  # start from this head directory or trainer checkpoint (weights and draft vocabulary)
     cache_features: str = ""  # directory for the target's features, computed once (default: online every epoch)
+    precondition: bool = True  # EAGLE-3: train fc on per-dimension standardised features (train/precondition.py)
 
 
 def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: list[int]) -> DraftHead:
@@ -74,10 +76,12 @@ def init_weights(head: DraftHead, source: str) -> None:
     from featspec.formats import load_head
 
     path = Path(source)
-    if (path / "state.pt").exists():
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)["head"]
-    elif (path / "checkpoint" / "state.pt").exists():
-        state = torch.load(path / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)["head"]
+    ckpt = next((p for p in (path / "state.pt", path / "checkpoint" / "state.pt") if p.exists()), None)
+    if ckpt is not None:
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = dict(blob["head"])
+        if blob.get("feature_scale") is not None:  # a preconditioned run's fc reads standardised features
+            state["fc.weight"] = fold(state["fc.weight"], blob["feature_scale"])
     else:
         state = load_head(source).state_dict()
     mine = head.state_dict()
@@ -99,12 +103,13 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def _save_checkpoint(ckpt: Path, head, optimizer, scheduler, state: dict) -> None:
-    """Written to a temp dir and swapped in: a kill never leaves a half-written checkpoint."""
+def _save_checkpoint(ckpt: Path, head, optimizer, scheduler, state: dict, scale: torch.Tensor | None) -> None:
+    """Written to a temp dir and swapped in: a kill never leaves a half-written checkpoint. The head's fc
+    is kept as trained (reading standardised features); `feature_scale` is stored beside it."""
 
     def write(d: Path) -> None:
-        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   d / "state.pt")
+        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "feature_scale": scale}, d / "state.pt")
         (d / "meta.json").write_text(json.dumps(state, indent=1))
 
     atomic_dir_write(ckpt, write)
@@ -122,12 +127,15 @@ class HeadLoss(torch.nn.Module):
     """The head plus its training loss as one module, so that under `accelerate launch` (DDP) every
     parameter use goes through the wrapped forward and gradients are synchronised."""
 
-    def __init__(self, cfg: TrainConfig, head: DraftHead, lm_head: torch.nn.Module):
+    def __init__(self, cfg: TrainConfig, head: DraftHead, lm_head: torch.nn.Module, scale: torch.Tensor | None = None):
         super().__init__()
         self.cfg, self.head = cfg, head
         self._lm_head = (lm_head,)  # the target's, frozen: kept out of this module's parameters
+        self.scale = scale  # EAGLE-3 fc input standardisation (None: raw features)
 
     def forward(self, tb, step_seed: int):
+        if self.scale is not None:
+            tb = scaled(tb, self.scale)
         if self.cfg.method == "eagle1":
             gen = torch.Generator(device=tb.last.device).manual_seed(step_seed)
             return eagle1_loss(self.head, tb, self.cfg.noise, gen, self._lm_head[0])
@@ -135,7 +143,8 @@ class HeadLoss(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: int, device) -> dict[str, float]:
+def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: int, device,
+             scale: torch.Tensor | None = None) -> dict[str, float]:
     """Held-out top-1 agreement with the target per draft step (a proxy of acceptance by depth)."""
     head.eval()
     sums: dict[str, float] = {}
@@ -143,7 +152,7 @@ def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: in
         batch = {k: v.to(device) for k, v in collate(examples[i : i + cfg.batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             tb = target_batch(target, head, batch)
-            _, stats = HeadLoss(cfg, head, target.get_output_embeddings())(tb, cfg.seed)
+            _, stats = HeadLoss(cfg, head, target.get_output_embeddings(), scale)(tb, cfg.seed)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
     n = math.ceil(len(examples) / cfg.batch_size)
@@ -184,6 +193,22 @@ def _feature_cache(cfg: TrainConfig, head: DraftHead, target, examples: list[Exa
         fill_cache(path, target, head, examples, pad_id, device, store, accel.autocast)
     accel.wait_for_everyone()
     return path
+
+
+@torch.no_grad()
+def _measure_scale(cache: Path | None, target, head: DraftHead, examples: list[Example], pad_id: int, device,
+                   n: int = 64) -> torch.Tensor:
+    """Per-dimension RMS of the fused features over the first `n` training examples (from the feature
+    cache when there is one, else from target forwards)."""
+    if cache is not None:
+        rows = (torch.load(cache / f"{i}.pt", map_location="cpu")["hidden"] for i in range(min(n, len(examples))))
+    else:
+        def forward(ex: Example) -> list[torch.Tensor]:
+            batch = {k: v.to(device) for k, v in collate([ex], pad_id).items()}
+            return [h[0] for h in target_batch(target, head, batch).hidden]
+
+        rows = (forward(ex) for ex in examples[:n])
+    return feature_scale(rows)
 
 
 def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
@@ -242,7 +267,17 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         print(f"featspec: resuming {out} at step {state['step']}/{total_steps}", flush=True)
     raw_head = head
     cache = _feature_cache(cfg, raw_head, target, examples, pad_id, device, accel) if cfg.cache_features else None
-    model, optimizer = accel.prepare(HeadLoss(cfg, head, target.get_output_embeddings()), optimizer)
+    scale = None
+    if cfg.method == "eagle3" and cfg.precondition:
+        if found is not None:
+            scale = blob.get("feature_scale")
+            if scale is None:
+                raise FeatspecError(f"{found} was saved without a feature scale: resume it with the featspec that wrote it")
+        else:
+            scale = _measure_scale(cache, target, raw_head, examples, pad_id, device).to(device)
+            if cfg.init_from:  # the initial weights read raw features: rescale them to read standardised ones
+                raw_head.fc.weight.data = unfold(raw_head.fc.weight.data, scale)
+    model, optimizer = accel.prepare(HeadLoss(cfg, head, target.get_output_embeddings(), scale), optimizer)
 
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=stop_at, initial=state["step"], desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
@@ -281,22 +316,27 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
             bar.set_postfix(loss=f"{running:.3f}", acc0=f"{stats.get('acc_0', 0):.2f}",
                             tok_s=f"{state['tokens_seen'] / max(state['wall_s'], 1e-9):.0f}")
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device)
+                state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device, scale)
                 state["evals"].append({"step": state["step"], **state["last_eval"]})
                 bar.write(f"step {state['step']}: held-out agreement "
                           + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
             if accel.is_main_process and (state["step"] % cfg.save_every == 0 or state["step"] == stop_at):
-                _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state)
+                _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state, scale)
     bar.close()
     if accel.is_main_process:
         if state["last_eval"] is None or state["evals"][-1]["step"] != state["step"]:
-            state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device)
+            state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device, scale)
             state["evals"].append({"step": state["step"], **state["last_eval"]})
-        _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state)
+        _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state, scale)
         card = model_card(cfg, state, command)
+        trained_fc = raw_head.fc.weight.data if scale is not None else None
+        if trained_fc is not None:
+            raw_head.fc.weight.data = fold(trained_fc, scale)  # the saved head reads raw features
         save_head(raw_head, out / "head", extra={"trained_steps": state["step"], "tokens_seen": state["tokens_seen"],
                                                   "wall_s": round(state["wall_s"], 1), "evals": state["evals"]},
                   card=card)
+        if trained_fc is not None:
+            raw_head.fc.weight.data = trained_fc
         (out / "train_log.json").write_text(json.dumps(state, indent=1))
         print(f"featspec: wrote {out / 'head'} (step {state['step']}, {state['tokens_seen']:,} tokens, "
               f"{state['wall_s'] / 60:.1f} min)", flush=True)
