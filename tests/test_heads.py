@@ -48,6 +48,15 @@ def make_eagle1(target, seed: int = 0) -> Eagle1Head:
     return Eagle1Head(HeadConfig.from_target(target.config)).bind(target).eval()
 
 
+def saved_without(tmp_path, head, key: str):
+    """Save `head`, then drop `key` from its config.json, as a third-party checkpoint would lack it."""
+    save_head(head, tmp_path / "h", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    del cfg[key]
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    return tmp_path / "h"
+
+
 def test_eagle3_shapes_and_layout(target):
     head = make_eagle3(target)
     c = target.config
@@ -185,11 +194,7 @@ def test_load_errors_are_one_line(tmp_path, target):
 def test_third_party_eagle3_without_featspec_block(tmp_path, target):
     """A vLLM/SGLang-style checkpoint (no featspec extras) loads; fusion layers default once validated."""
     head = make_eagle3(target)
-    save_head(head, tmp_path / "h", dtype=torch.float32)
-    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
-    del cfg["featspec"]
-    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
-    loaded = load_head(tmp_path / "h")
+    loaded = load_head(saved_without(tmp_path, head, "featspec"))
     assert loaded.layer_ids == ()
     validate_against(loaded, target.config)
     assert loaded.layer_ids == head.layer_ids
@@ -219,13 +224,9 @@ def test_norm_before_residual_is_saved_and_changes_the_output(tmp_path, target, 
 
 
 def test_third_party_eagle3_defaults_to_the_official_residual(tmp_path, target):
-    """A config.json without the key (official EAGLE-3 checkpoints) loads with the residual before hidden_norm."""
+    """A config.json without the key (official EAGLE-3 checkpoints) loads with the residual taken from fc(h) itself, not from hidden_norm(fc(h))."""
     head = make_eagle3(target)
-    save_head(head, tmp_path / "h", dtype=torch.float32)
-    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
-    del cfg["norm_before_residual"]
-    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
-    assert load_head(tmp_path / "h").cfg.norm_before_residual is False
+    assert load_head(saved_without(tmp_path, head, "norm_before_residual")).cfg.norm_before_residual is False
 
 
 def test_init_from_target_reads_features_like_the_target(target):
