@@ -1,12 +1,18 @@
-"""`--budget auto`: choose how many draft nodes to verify at every step.
+"""`--budget auto`: choose, at every step, how deep to draft and how many draft nodes to verify.
 
 The target's verify cost as a function of the number of tree nodes is measured once per
-(model, dtype, device, threads) and cached as JSON. At each step the drafter's nodes, sorted by
-cumulative draft log-probability s_i, promise E(n) = 1 + sum_{i<=n} exp(s_i) committed tokens
-(EAGLE-2's observation: draft confidence tracks acceptance). The budget keeps the n that maximises
-E(n) / (cost(n + 1) + overhead), where the overhead (drafting and bookkeeping per step) is a
-running mean the engine's timings feed in. A running calibration factor (accepted / predicted
-tokens) corrects an over- or under-confident head.
+(model, dtype, device, threads) and cached as JSON (made non-decreasing: timing noise must not make
+12 nodes look cheaper than 8). A node with cumulative draft log-probability s at depth d is
+accepted with probability ~ c_d * exp(s) (EAGLE-2's observation: draft confidence tracks
+acceptance), where c_d is a running calibration per depth (accepted / predicted), since a head's
+confidence drifts from its acceptance more the deeper it drafts. Keeping the n best nodes after L
+drafted levels promises E(n) = 1 + sum c_d exp(s) tokens in
+    T(n, L) = base + L * level + cost(n + 1) + other
+seconds, with running means of the drafting time before the first level (`base`), per level
+(`level`) and the rest of a step beyond the curve (`other`: bookkeeping, and the curve's error at
+the current context length). Before each level the budget asks whether the level's expected
+children (the frontier's scores times the head's running top-1 child probability) would raise the
+best E / T; after the last level it keeps the n that maximises E(n) / T(n, L).
 """
 
 from __future__ import annotations
@@ -30,12 +36,27 @@ from featspec.tree import DraftTree
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
+def monotone(values: list[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators): a bigger tree never costs less."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [b[0] / b[1] for b in blocks for _ in range(b[1])]
+
+
 @dataclass
 class CostCurve:
-    """Seconds per verify forward at each measured tree size; linear in between."""
+    """Seconds per verify forward at each measured tree size (made non-decreasing); linear in between."""
 
     sizes: list[int]
     seconds: list[float]
+
+    def __post_init__(self) -> None:
+        self.seconds = monotone(list(self.seconds))
 
     def __call__(self, n: int) -> float:
         xs, ys = self.sizes, self.seconds
@@ -83,38 +104,82 @@ def measure_cost_curve(target, context: int = 256, repeats: int = 5, sizes=SIZES
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        json.dump({"sizes": curve.sizes, "seconds": curve.seconds, "context": context}, fh)
+        json.dump({"sizes": curve.sizes, "seconds": seconds, "context": context}, fh)  # raw medians
     os.replace(tmp, path)
     return curve
 
 
+def _ema(old: float | None, new: float, keep: float = 0.9) -> float:
+    return new if old is None else keep * old + (1 - keep) * new
+
+
 @dataclass
 class Budget:
-    """Per-step node budget from draft confidence and the measured cost curve."""
+    """Per-step draft depth and node budget from draft confidence, measured costs and feedback.
+
+    Nodes are (score, depth) pairs, score = cumulative draft log-probability."""
 
     curve: CostCurve
-    overhead_s: float = 0.0  # running mean of draft + bookkeeping time per step
-    calibration: float = 1.0  # running ratio of accepted to predicted draft tokens
     min_nodes: int = 1
-    history: list[int] = field(default_factory=list)
-    _predicted: float = 0.0
+    child_p: float = 0.5  # running mean of a fed node's top-1 child probability
+    history: list[int] = field(default_factory=list)  # nodes kept per step
+    depths: list[int] = field(default_factory=list)  # levels drafted per step
+    base_s: float | None = None
+    level_s: float | None = None
+    other_s: float | None = None
+    _pred: dict[int, float] = field(default_factory=dict)  # per depth: running predicted acceptance mass
+    _real: dict[int, float] = field(default_factory=dict)  # per depth: running realised acceptance
+    _kept: list[tuple[float, int]] = field(default_factory=list)
 
-    def choose(self, scores: list[float], limit: int) -> int:
-        """Number of score-sorted nodes to keep (at most `limit`)."""
-        best_n, best_rate, expected = 0, 1.0 / (self.curve(1) + self.overhead_s), 0.0
-        predicted_at_best = 0.0
-        for n, s in enumerate(scores[:limit], start=1):
-            expected += min(1.0, self.calibration * math.exp(s))
-            rate = (1.0 + expected) / (self.curve(n + 1) + self.overhead_s)
+    def calibration(self, depth: int) -> float:
+        """Accepted / predicted at this depth (one pseudo-step at 1.0 keeps an unseen depth honest)."""
+        return (self._real.get(depth, 0.0) + 0.5) / (self._pred.get(depth, 0.0) + 0.5)
+
+    def _fixed_s(self, levels: int) -> float:
+        return (self.base_s or 0.0) + levels * (self.level_s or 0.0) + (self.other_s or 0.0)
+
+    def _best(self, nodes: list[tuple[float, int]], limit: int, levels: int) -> tuple[int, float]:
+        """(n, tokens per second) of the best prefix of the score-sorted `nodes`."""
+        fixed = self._fixed_s(levels)
+        best_n, best_rate, expected = 0, 1.0 / max(1e-9, self.curve(1) + fixed), 1.0
+        for n, (s, d) in enumerate(nodes[:limit], start=1):
+            expected += min(1.0, self.calibration(d) * math.exp(s))
+            rate = expected / max(1e-9, self.curve(n + 1) + fixed)
             if rate > best_rate or n <= self.min_nodes:
-                best_n, best_rate, predicted_at_best = n, rate, expected
-        self._predicted = predicted_at_best
-        self.history.append(best_n)
-        return best_n
+                best_n, best_rate = n, rate
+        return best_n, best_rate
 
-    def update(self, accepted: int, overhead_s: float) -> None:
-        """Feed back one step's outcome (draft tokens accepted, seconds outside the verify forward)."""
-        self.overhead_s = overhead_s if not self.history or self.overhead_s == 0 else 0.9 * self.overhead_s + 0.1 * overhead_s
-        if self._predicted > 0:
-            ratio = max(0.05, min(2.0, accepted / self._predicted))
-            self.calibration = 0.95 * self.calibration + 0.05 * ratio * self.calibration
+    def extend(self, nodes: list[tuple[float, int]], frontier: list[float], depth: int, levels: int, limit: int) -> bool:
+        """Is drafting one more level (children at `depth` of the `frontier` scores) worth its time?"""
+        _, now = self._best(nodes, limit, levels)
+        guess = [(s + math.log(max(self.child_p, 1e-6)), depth) for s in frontier]
+        _, after = self._best(sorted(nodes + guess, key=lambda x: (-x[0], x[1])), limit, levels + 1)
+        return after > now
+
+    def choose(self, nodes: list[tuple[float, int]], limit: int, levels: int = 0) -> int:
+        """Number of the score-sorted `nodes` to keep (at most `limit`) after `levels` drafted levels."""
+        n, _ = self._best(nodes, limit, levels)
+        self._kept = list(nodes[:n])
+        self.history.append(n)
+        self.depths.append(levels)
+        return n
+
+    def update(self, accepted: int, base_s: float, level_s: list[float], top1: list[float], gap_s: float | None) -> None:
+        """Feed back one step: draft tokens accepted, drafting times (before the first level, per level),
+        top-1 child probabilities seen, and the seconds from the end of drafting to the next draft (verify
+        and bookkeeping), if known."""
+        self.base_s = _ema(self.base_s, base_s)
+        for t in level_s:
+            self.level_s = _ema(self.level_s, t)
+        for p in top1:
+            self.child_p = _ema(self.child_p, p, 0.98)
+        if gap_s is not None:
+            verify = self.curve(len(self._kept) + 1)
+            self.other_s = _ema(self.other_s, max(gap_s - verify, -0.5 * verify))
+        mass: dict[int, float] = {}
+        for s, d in self._kept:
+            mass[d] = mass.get(d, 0.0) + math.exp(s)
+        self._kept = []  # a step that drafts nothing (the root only) keeps nothing
+        for d, m in mass.items():  # 0.95: about the last 20 steps that drafted this deep
+            self._pred[d] = 0.95 * self._pred.get(d, 0.0) + 0.05 * min(1.0, m) * 20
+            self._real[d] = 0.95 * self._real.get(d, 0.0) + 0.05 * float(accepted >= d) * 20

@@ -44,13 +44,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-length", type=_positive_int, default=4, help="tokens the 'model' drafter proposes per step")
     p.add_argument("--head", default=None,
                    help="for eagle1/eagle2/eagle3: head directory or hub id (default: the head featspec ships for the target)")
-    p.add_argument("--depth", type=_positive_int, default=4, help="eagle2/eagle3: dynamic tree depth (default 4)")
+    p.add_argument("--depth", type=_positive_int, default=None,
+                   help="eagle2/eagle3: dynamic tree depth (default 4; with --budget auto a ceiling, default 8)")
     p.add_argument("--topk", type=_positive_int, default=4, help="eagle2/eagle3: children per expanded node (default 4)")
-    p.add_argument("--total-tokens", type=_positive_int, default=8,
-                   help="eagle2/eagle3: draft nodes verified per step (default 8; the ceiling with --budget auto)")
+    p.add_argument("--total-tokens", type=_positive_int, default=None,
+                   help="eagle2/eagle3: draft nodes verified per step (default 8; with --budget auto a ceiling, default 32)")
     p.add_argument("--budget", choices=("fixed", "auto"), default="fixed",
-                   help="eagle2/eagle3: auto picks the node count every step from draft confidence and the "
-                        "measured verify-cost curve of this machine (default fixed)")
+                   help="eagle2/eagle3: auto picks the draft depth and node count every step from draft confidence, "
+                        "the measured verify-cost curve of this machine and measured drafting time (default fixed); "
+                        "bench methods eagle2-auto / eagle3-auto do the same beside the fixed ones")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -179,15 +179,49 @@ def test_static_tree_shape(trained):
 
 
 def test_auto_budget_follows_confidence_and_cost():
+    def nodes(scores):
+        return [(s, 1) for s in scores]
+
     flat = Budget(CostCurve([1, 64], [1.0, 1.0]))  # free verification: keep everything useful
-    assert flat.choose([-0.1] * 20, 20) == 20
+    assert flat.choose(nodes([-0.1] * 20), 20) == 20
     steep = Budget(CostCurve([1, 64], [1.0, 64.0]))  # cost grows with every node: keep only sure ones
-    assert steep.choose([-0.01, -0.02, -3.0, -4.0], 4) <= 2
+    assert steep.choose(nodes([-0.01, -0.02, -3.0, -4.0]), 4) <= 2
     mid = Budget(CostCurve([1, 8, 64], [1.0, 1.2, 4.0]))
-    confident = mid.choose([-0.05 * i for i in range(1, 40)], 40)
-    unsure = mid.choose([-2.0 - 0.1 * i for i in range(39)], 40)
+    confident = mid.choose(nodes([-0.05 * i for i in range(1, 40)]), 40)
+    unsure = mid.choose(nodes([-2.0 - 0.1 * i for i in range(39)]), 40)
     assert confident > unsure
     assert CostCurve([1, 8], [1.0, 2.0])(4) == pytest.approx(1 + 3 / 7)
+
+
+def test_cost_curve_is_made_monotone():
+    """Timing noise (12 nodes measured faster than 8) must not make a bigger tree look cheaper."""
+    curve = CostCurve([1, 8, 12, 16], [1.0, 1.3, 1.1, 1.4])
+    assert curve.seconds == pytest.approx([1.0, 1.2, 1.2, 1.4])
+    assert all(a <= b for a, b in zip(curve.seconds, curve.seconds[1:]))
+    assert CostCurve([1, 2, 4], [3.0, 2.0, 1.0]).seconds == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_auto_budget_drafts_deeper_only_when_it_pays():
+    b = Budget(CostCurve([1, 64], [1.0, 1.0]))
+    kept = [(-0.1, 1), (-0.2, 2)]
+    b.update(1, base_s=0.05, level_s=[0.02], top1=[0.9], gap_s=None)  # a cheap level, a confident head
+    assert b.extend(kept, [-0.2], depth=3, levels=1, limit=8)
+    assert not b.extend(kept, [-9.0], depth=3, levels=1, limit=8)  # a frontier nobody believes in
+    slow = Budget(CostCurve([1, 64], [1.0, 1.0]))
+    slow.update(1, base_s=0.05, level_s=[5.0], top1=[0.9], gap_s=None)  # a level costs 5 verify forwards
+    assert not slow.extend(kept, [-0.2], depth=3, levels=1, limit=8)
+
+
+def test_auto_budget_calibrates_per_depth():
+    """A head that is right at depth 1 and always wrong at depth 2 loses trust at depth 2 only."""
+    b = Budget(CostCurve([1, 64], [1.0, 1.0]))
+    for _ in range(40):
+        assert b.choose([(-0.05, 1), (-0.1, 2)], 8, levels=1) == 2
+        b.update(1, base_s=0.0, level_s=[0.0], top1=[0.9], gap_s=2.0)
+    assert b.calibration(1) > 0.9 and b.calibration(2) < 0.1
+    assert b.other_s == pytest.approx(2.0 - 1.0)  # the gap beyond the curve's verify time
+    b.update(0, base_s=0.0, level_s=[], top1=[], gap_s=None)  # a step that kept nothing changes no calibration
+    assert b.calibration(1) > 0.9
 
 
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])

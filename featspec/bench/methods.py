@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -15,7 +15,10 @@ from featspec.models.target import TargetModel
 from featspec.sampling import SamplingConfig
 
 HF_METHODS = ("hf", "hf-pld")
-METHODS = HF_METHODS + DRAFT_METHODS
+# eagle2-auto / eagle3-auto: the same drafter with --budget auto, so one run can time fixed and auto
+# budgets side by side (interleaved) instead of comparing two runs
+AUTO_METHODS = {"eagle2-auto": "eagle2", "eagle3-auto": "eagle3"}
+METHODS = HF_METHODS + DRAFT_METHODS + tuple(AUTO_METHODS)
 PLD_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
 
 
@@ -78,6 +81,8 @@ class EngineMethod:
 
     def __init__(self, name: str, lm: LoadedModel, sampling: SamplingConfig, opts: DraftOptions):
         self.name, self.sampling = name, sampling
+        if name in AUTO_METHODS:
+            name, opts = AUTO_METHODS[name], replace(opts, budget="auto")
         drafter = build_drafter(name, lm, opts)
         self.generator = SpeculativeGenerator(TargetModel(lm.model), drafter, eos_token_ids(lm.model, lm.tokenizer), lm.tokenizer)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -150,7 +150,9 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
         "top_p": sampling.top_p,
         "seed": seed,
         "methods": methods,
-        "draft_options": asdict(opts),
+        # depth / total_tokens as used: fixed-budget methods, and the ceilings of --budget auto and *-auto methods
+        "draft_options": {**asdict(opts), "depth": opts.tree_shape()[0], "total_tokens": opts.tree_shape()[1]},
+        "auto_ceilings": dict(zip(("depth", "total_tokens"), replace(opts, budget="auto").tree_shape())),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

@@ -23,12 +23,22 @@ class DraftOptions:
     draft_model: str | None = None  # method model: a model spec or layers:N
     draft_length: int = 4  # method model: chain length
     head: str | None = None  # eagle*: head directory or hub id (default: the head shipped for the target)
-    # eagle2/eagle3 dynamic tree. Small by default: on the 2-core CPU a 48-node verify costs ~2.2x a
-    # one-token step, and the shipped heads' acceptance only pays for ~8 nodes (docs/eagle.md)
-    depth: int = 4  # tree depth
+    # eagle2/eagle3 dynamic tree. Small by default: on the 2-core CPU a 48-node verify costs ~1.5x a
+    # one-token step, and the shipped heads' acceptance only pays for ~8 nodes (docs/eagle.md). With
+    # budget auto, depth and total_tokens are ceilings the budget chooses under, so they default larger.
+    depth: int | None = None  # tree depth (default 4; 8 with budget auto)
     topk: int = 4  # children per expanded node and nodes expanded per level
-    total_tokens: int = 8  # draft nodes kept per step (the verify budget; the ceiling with budget auto)
-    budget: str = "fixed"  # fixed | auto (per-step budget from confidence and the measured cost curve)
+    total_tokens: int | None = None  # draft nodes kept per step (default 8; a ceiling of 32 with budget auto)
+    budget: str = "fixed"  # fixed | auto (per-step depth and budget from confidence and measured costs)
+
+    def tree_shape(self) -> tuple[int, int]:
+        """(depth, total_tokens) after the budget-dependent defaults."""
+        auto = self.budget == "auto"
+        depth = self.depth if self.depth is not None else (AUTO_DEPTH if auto else 4)
+        return depth, self.total_tokens if self.total_tokens is not None else (AUTO_TOTAL_TOKENS if auto else 8)
+
+
+AUTO_DEPTH, AUTO_TOTAL_TOKENS = 8, 32  # ceilings of --budget auto
 
 
 def default_self_draft_layers(target: LoadedModel) -> int:
@@ -95,8 +105,8 @@ def build_drafter(method: str, target: LoadedModel, opts: DraftOptions | None = 
             budget = Budget(measure_cost_curve(TargetModel(target.model)))
         elif opts.budget != "fixed":
             raise FeatspecError(f"unknown budget '{opts.budget}': use fixed or auto")
-        return FeatureDrafter(head, method, depth=opts.depth, topk=opts.topk, total_tokens=opts.total_tokens,
-                              budget=budget)
+        depth, total = opts.tree_shape()
+        return FeatureDrafter(head, method, depth=depth, topk=opts.topk, total_tokens=total, budget=budget)
     raise FeatspecError(f"unknown method '{method}': use one of {', '.join(DRAFT_METHODS)}")
 
 

@@ -19,6 +19,7 @@ distribution in both greedy and sampling modes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -74,7 +75,12 @@ class FeatureDrafter:
         self.budget = budget
         self.cache = None
         self.pending: torch.Tensor | None = None  # head-space features of committed positions not fed yet
-        self._draft_s = 0.0
+        # timings of the current step, fed to the budget: drafting before the first level, per level, gap
+        self._end: float | None = None
+        self._gap_s: float | None = None
+        self._base_s = 0.0
+        self._level_s: list[float] = []
+        self._top1: list[float] = []
 
     @property
     def device(self) -> torch.device:
@@ -90,11 +96,12 @@ class FeatureDrafter:
             raise RuntimeError("feature drafters need the target's hidden states (wants_hidden)")
         self.cache = self.head.new_cache()
         self.pending = self._fuse(prefill.hidden, slice(None))
+        self._end = None  # a new prompt: the prefill is no verify step
 
     @torch.inference_mode()
     def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
         if self.budget is not None:
-            self.budget.update(len(path) - 1, self._draft_s)
+            self.budget.update(len(path) - 1, self._base_s, self._level_s, self._top1, self._gap_s)
         feats = self._fuse(out.hidden, path)
         self.pending = feats if self.pending is None else torch.cat([self.pending, feats])
 
@@ -114,11 +121,15 @@ class FeatureDrafter:
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         t0 = time.perf_counter()
+        # verify + bookkeeping since the last draft: what the budget's cost curve must account for
+        self._gap_s = t0 - self._end if self._end is not None else None
+        self._level_s, self._top1 = [], []
         tree = self._propose(ctx)
-        self._draft_s = time.perf_counter() - t0
+        self._end = time.perf_counter()
         return tree
 
     def _propose(self, ctx: DraftContext) -> DraftTree:
+        t0 = time.perf_counter()
         root = ctx.tokens[-1]
         depth = min(self.depth, ctx.max_depth)
         # 1. feed the committed (feature, next token) pairs; keep them in the cache for good
@@ -134,10 +145,14 @@ class FeatureDrafter:
         ids, lps = self._children(last, self.topk)
         level = [self._new(nodes, -1, t, lp, (r,)) for r, (t, lp) in enumerate(zip(ids, lps))]
         fed_anc: list[list[int]] = []  # per fed entry: cache columns of itself and its fed ancestors
+        self._base_s = time.perf_counter() - t0
+        levels = 0  # levels drafted after the root's children
         for d in range(1, depth):
             frontier = self._frontier(nodes, level)
-            if not frontier:
+            if not frontier or (self.budget is not None and self.static is None and not self.budget.extend(
+                    self._ranked(nodes), [nodes[n].score for n in frontier], d + 1, levels, self.total_tokens)):
                 break
+            t_level = time.perf_counter()
             cols = [real + len(fed_anc) + i for i in range(len(frontier))]
             mask = torch.zeros(len(frontier), real + len(fed_anc) + len(frontier), dtype=torch.bool, device=self.device)
             mask[:, :real] = True
@@ -151,14 +166,18 @@ class FeatureDrafter:
             outs = self._run(feats, [nodes[n].token for n in frontier], [real + d - 1] * len(frontier), mask)
             k = self.topk
             child_ids, child_lp = self._children(outs, k)
+            if self.budget is not None:
+                self._top1.extend(math.exp(lp[0]) for lp in child_lp)
             level = []
             for i, n in enumerate(frontier):
                 nodes[n].out = outs[i]
                 for r in range(k):
                     if self.static is None or nodes[n].rank + (r,) in self.static:
                         level.append(self._new(nodes, n, child_ids[i][r], nodes[n].score + child_lp[i][r], nodes[n].rank + (r,)))
+            levels += 1
+            self._level_s.append(time.perf_counter() - t_level)
         self.cache.truncate(real)
-        return self._build(root, nodes, depth)
+        return self._build(root, nodes, depth, levels)
 
     @staticmethod
     def _new(nodes: list[_Node], parent: int, token: int, score: float, rank: tuple[int, ...]) -> int:
@@ -171,13 +190,20 @@ class FeatureDrafter:
             return [n for n in level if nodes[n].rank in self.static and nodes[n].rank in self._expandable]
         return sorted(level, key=lambda n: -nodes[n].score)[: self.topk]
 
-    def _build(self, root: int, nodes: list[_Node], depth: int) -> DraftTree:
+    def _candidates(self, nodes: list[_Node], depth: int) -> list[int]:
+        """Node indices in the order the budget ranks them: best score first, shallower on ties."""
         cand = [i for i, n in enumerate(nodes) if n.depth <= depth and (self.static is None or n.rank in self.static)]
-        cand.sort(key=lambda i: (-nodes[i].score, nodes[i].depth))
+        return sorted(cand, key=lambda i: (-nodes[i].score, nodes[i].depth))
+
+    def _ranked(self, nodes: list[_Node]) -> list[tuple[float, int]]:
+        return [(nodes[i].score, nodes[i].depth) for i in self._candidates(nodes, self.depth)]
+
+    def _build(self, root: int, nodes: list[_Node], depth: int, levels: int) -> DraftTree:
+        cand = self._candidates(nodes, depth)
         if self.static is None:
             limit = self.total_tokens
             if self.budget is not None:
-                limit = self.budget.choose([nodes[i].score for i in cand], limit)
+                limit = self.budget.choose([(nodes[i].score, nodes[i].depth) for i in cand], limit, levels)
             cand = cand[:limit]
         kept = set(cand)
         order = sorted(cand, key=lambda i: (nodes[i].depth, -nodes[i].score))
