@@ -132,7 +132,8 @@ class Budget:
     _kept: list[tuple[float, int]] = field(default_factory=list)
 
     def calibration(self, depth: int) -> float:
-        """Accepted / predicted at this depth (one pseudo-step at 1.0 keeps an unseen depth honest)."""
+        """Accepted / predicted at this depth over about the last 20 steps that drafted it; half a step's
+        worth of pseudo-counts at ratio 1 makes an unseen depth start trusted and a rarely seen one stable."""
         return (self._real.get(depth, 0.0) + 0.5) / (self._pred.get(depth, 0.0) + 0.5)
 
     def _fixed_s(self, levels: int) -> float:
