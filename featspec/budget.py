@@ -122,8 +122,6 @@ class Budget:
     curve: CostCurve
     min_nodes: int = 1
     child_p: float = 0.5  # running mean of a fed node's top-1 child probability
-    history: list[int] = field(default_factory=list)  # nodes kept per step
-    depths: list[int] = field(default_factory=list)  # levels drafted per step
     base_s: float | None = None
     level_s: float | None = None
     other_s: float | None = None
@@ -161,8 +159,6 @@ class Budget:
         """Number of the score-sorted `nodes` to keep (at most `limit`) after `levels` drafted levels."""
         n, _ = self._best(nodes, limit, levels)
         self._kept = list(nodes[:n])
-        self.history.append(n)
-        self.depths.append(levels)
         return n
 
     def update(self, accepted: int, base_s: float, level_s: list[float], top1: list[float], gap_s: float | None) -> None:

@@ -151,7 +151,7 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
         "seed": seed,
         "methods": methods,
         # depth / total_tokens as used: fixed-budget methods, and the ceilings of --budget auto and *-auto methods
-        "draft_options": {**asdict(opts), "depth": opts.tree_shape()[0], "total_tokens": opts.tree_shape()[1]},
+        "draft_options": {**asdict(opts), **dict(zip(("depth", "total_tokens"), opts.tree_shape()))},
         "auto_ceilings": dict(zip(("depth", "total_tokens"), replace(opts, budget="auto").tree_shape())),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
