@@ -185,11 +185,42 @@ def test_packed_turns_equal_single_turn_prompts(tiny_run, role):
                       "turns": [[(packed["prefix"], packed["prefix"] + p - a, len(ids))]],
                       "pixels": packed["pixels"][r: r + 1]}
             with torch.no_grad():
-                total += float(qa_loss(vlm, single)) * (b - p)
+                total += float(qa_loss(vlm, single)[0]) * (b - p)
             tokens += b - p
     with torch.no_grad():
-        joint = float(qa_loss(vlm, packed))
+        joint = float(qa_loss(vlm, packed)[0])
     assert joint == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_position_keeper_trains_the_projector_to_keep_positions(tiny_run):
+    """`--keep-weight`: probe heads on the projected video tokens and on the language model's states there;
+    their loss reaches the projector, and a few steps on it lower it."""
+    from featspec.crossmodal.scenes import WorldConfig
+    from featspec.crossmodal.train import PositionKeeper, dense_targets, qa_loss, qa_rows
+    from featspec.crossmodal.world import build_split
+
+    torch.manual_seed(0)
+    vlm = load_mini(tiny_run / "target", torch.float32)
+    world = WorldConfig()
+    data = build_split(world, "train", 4, progress=False)
+    text = vlm.model.config.text_config
+    keeper = PositionKeeper(text.hidden_size, world, text.num_hidden_layers)
+    assert keeper.layers == [1]  # the tiny target has 2 layers: one tap inside, plus the projector output
+    dense = dense_targets(world, data.scenes, "video", vlm.model.config.vision_config.patch_size)
+    proj = vlm.model.model.multi_modal_projector
+    proj.requires_grad_(True)
+    opt = torch.optim.Adam([*proj.parameters(), *keeper.parameters()], lr=3e-3)
+    batch = qa_rows(vlm, data, [0, 1, 2, 3], step=0, seed=0)
+    losses = []
+    for _ in range(8):
+        _, aux = qa_loss(vlm, batch, keeper, dense)
+        opt.zero_grad()
+        aux.backward()
+        assert proj.linear_1.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(aux.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert float(qa_loss(vlm, batch)[1]) == 0.0  # no keeper, no auxiliary loss
 
 
 @pytest.mark.real

@@ -108,6 +108,33 @@ def test_regenerate_answers_with_the_target_and_caches(tiny_target_dir, tmp_path
     assert [e.ids for e in again] == [e.ids for e in examples]
 
 
+def test_shipped_regenerated_answers_count_as_cached(tmp_path, monkeypatch):
+    """Answers shipped in featspec/assets/regenerated (gzip'd JSONL) are used without generating; a row in
+    the local cache overrides the shipped one; a line cut by a kill is skipped."""
+    import gzip
+
+    from featspec.train import regenerate as regen
+
+    monkeypatch.setenv("FEATSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(regen, "SHIPPED", tmp_path / "assets")
+    (tmp_path / "assets").mkdir()
+    row = lambda cid, text: json.dumps({"id": cid, "messages": [{"role": "user", "content": cid},
+                                                                {"role": "assistant", "content": text}]})
+    regen.shipped_path("org/tgt", 12).write_bytes(gzip.compress("\n".join([row("a", "shipped a"), row("b", "shipped b"),
+                                                                             '{"id": "c", "mess']).encode()))
+    local = regen.regenerated_path("org/tgt", 12)
+    local.parent.mkdir(parents=True)
+    local.write_text(row("b", "local b") + "\n")
+
+    class NoGenerate:
+        spec, tokenizer = "org/tgt", None
+        model = property(lambda self: (_ for _ in ()).throw(AssertionError("generated")))
+
+    out = regen.regenerate(NoGenerate(), [("a", "a"), ("b", "b")], max_new_tokens=12)
+    assert [(cid, m[1]["content"]) for cid, m in out] == [("a", "shipped a"), ("b", "local b")]
+    assert set(regen._done(local, regen.shipped_path("org/tgt", 12))) == {"a", "b"}
+
+
 def test_feature_cache_trains_like_online_features_and_is_keyed(tiny_target_dir, tmp_path, capsys):
     """--cache-features: the same losses as features computed online (padding included), the target runs
     once per example, and a cache made for other data is refused."""

@@ -23,9 +23,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a minute-scale run with cut-down models (tests, smoke checks)")
     p.add_argument("--n-train", type=int, default=None, help="training clips (default 3000; --tiny 24)")
     p.add_argument("--seed", type=int, default=0, help="world seed: a different seed is a different distribution")
-    p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half)")
+    p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half; 0 with --init keeps the init towers)")
     p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
     p.add_argument("--roles", choices=("both", "target", "drafter"), default="both", help="which models to train (default both)")
+    p.add_argument("--keep-weight", type=float, default=0.0, help="weight of the target's position-keeping probe loss "
+                   "during QA (default 0: off; 0.3 was tried, docs/crossmodal.md)")
     p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
@@ -141,8 +143,8 @@ def run(args) -> int:
         cfg = PrepareConfig.tiny(out) if args.tiny else PrepareConfig(out=out)
         cfg.world = WorldConfig(seed=args.seed)
         if args.probe_steps is not None:
-            if args.probe_steps < 1:
-                raise FeatspecError(f"--probe-steps must be >= 1, got {args.probe_steps}")
+            if args.probe_steps < (0 if args.init is not None else 1):
+                raise FeatspecError(f"--probe-steps must be >= 1 (>= 0 with --init, which brings trained towers), got {args.probe_steps}")
             cfg.probe_steps = {"video": args.probe_steps, "events": (args.probe_steps + 1) // 2}
         if args.qa_steps is not None:
             if args.qa_steps < 1:
@@ -153,6 +155,9 @@ def run(args) -> int:
                 raise FeatspecError(f"--n-train must be >= 8, got {args.n_train}")
             cfg.n_train = args.n_train
         cfg.roles = ("target", "drafter") if args.roles == "both" else (args.roles,)
+        if not 0 <= args.keep_weight <= 100:
+            raise FeatspecError(f"--keep-weight must be in [0, 100], got {args.keep_weight}")
+        cfg.keep_weight = args.keep_weight
         if args.init is not None:
             cfg.init = Path(args.init).expanduser()
             for role in cfg.roles:

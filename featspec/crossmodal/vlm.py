@@ -100,10 +100,16 @@ class VLM:
         """Prompt embeddings with visual features in place (what the language model's first layer sees)."""
         if self.kind == "events":
             return self.model.embed_with_events(inputs["input_ids"], inputs["event_pixels"])
-        m = self.model.model
-        emb = m.get_input_embeddings()(inputs["input_ids"])
-        feats = m.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], return_dict=True).pooler_output
-        mask = (inputs["input_ids"] == self.model.config.video_token_id).unsqueeze(-1)
+        return self.with_video(inputs["input_ids"], self.video_features(inputs["pixel_values_videos"]))
+
+    def video_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 8, 3, S, S) -> projected video tokens (B * 8, tokens per frame, text hidden)."""
+        return self.model.model.get_video_features(pixel_values_videos=pixels, return_dict=True).pooler_output
+
+    def with_video(self, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with `video_features` scattered into the video placeholders, in order."""
+        emb = self.model.model.get_input_embeddings()(input_ids)
+        mask = (input_ids == self.model.config.video_token_id).unsqueeze(-1)
         return emb.masked_scatter(mask, feats.to(emb.dtype))
 
     @torch.no_grad()
