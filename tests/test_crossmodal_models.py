@@ -242,3 +242,19 @@ def test_shipped_minis_load_and_read_counts_and_shapes():
             answer = target.tokenizer.decode(target.generate(data.frames[i], qa.question, 40))
             right += parse(answer, kind) == parse(qa.answer, kind)
         assert right >= 5, f"{kind}: {right}/8"
+
+
+def test_position_probe_reads_planted_positions_and_runs_on_a_mini(tiny_run):
+    """The ridge score finds a position that is linearly in the features and not one that is absent; the probe
+    covers the tower, the language model's input and layers, and the answer position."""
+    from featspec.crossmodal.position_probe import position_probe, ridge_corr
+    from featspec.crossmodal.scenes import WorldConfig
+
+    rng = np.random.default_rng(0)
+    y = rng.uniform(size=200)
+    noise = rng.normal(size=(200, 16))
+    assert ridge_corr(np.column_stack([noise, y + 0.05 * rng.normal(size=200)]), y) > 0.95
+    assert ridge_corr(noise, y) < 0.4
+    scores = position_probe(load_mini(tiny_run / "target", torch.float32), WorldConfig(), 24)
+    assert {"tower f1", "lm0 f1", "lm2 f8", "answer lm2"} <= set(scores)
+    assert all(-1 <= v <= 1 for v in scores.values())

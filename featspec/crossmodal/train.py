@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featspec.crossmodal.qa import questions
+from featspec.crossmodal.qa import GRID, questions
 from featspec.crossmodal.scenes import Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
@@ -105,11 +105,14 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
 class DenseProbe(nn.Module):
     """Reads patch tokens into (colour, shape, offset) and the CLS token into a count; discarded after stage 1."""
 
-    def __init__(self, dim: int, world: WorldConfig) -> None:
+    def __init__(self, dim: int, world: WorldConfig, cells: bool = False) -> None:
         super().__init__()
         self.sizes = (len(world.colours) + 1, len(world.shapes) + 1, 4)
         self.patch = nn.Linear(dim, sum(self.sizes))
         self.cls = nn.Linear(dim, world.max_objects)
+        # the object's grid cell (x and y classes of the grid answers quote), as classes: a language model turns
+        # class-like features into words (colours, shapes) but not a regressed coordinate into a digit
+        self.cells = nn.Linear(dim, 2 * GRID) if cells else None
 
     @staticmethod
     def class_weight(n: int, present: torch.Tensor) -> torch.Tensor:
@@ -133,6 +136,10 @@ class DenseProbe(nn.Module):
             if with_colour:
                 loss = loss + ce(out[..., 1:c][present], t["colour"][idx][present] - 1)
             loss = loss + 4 * (out[..., c + s:][present] - t["offset"][idx][present]).pow(2).mean()
+            if self.cells is not None:
+                cell = (t["offset"][idx][present][:, 2:] * GRID).long().clamp(0, GRID - 1)  # centre in the image -> cell
+                logits = self.cells(tokens[:, :, 1:][present]).unflatten(-1, (2, GRID))
+                loss = loss + ce(logits.flatten(0, 1), cell.flatten())
         count = self.cls(tokens[:, :, 0])
         return loss + ce(count.flatten(0, 1), t["count"][idx].repeat_interleave(tokens.shape[1]))
 
@@ -155,12 +162,13 @@ class PositionKeeper(nn.Module):
     Trained with QA, so the tokens keep saying where each object is while the projector and LoRA learn to
     answer. Measured on the minis shipped before this (ridge probe, an object's x in frame 1, 363 clips):
     correlation 0.89 from the tower's output, 0.41 after the QA-trained projector and 0.19-0.25 inside the
-    language model, so direction answers had nothing to read. Discarded after training, like the probe."""
+    language model, so direction answers had nothing to read. With the keeper positions stay in the tokens,
+    yet directions did not improve (docs/crossmodal.md), so it is off by default. Discarded after training."""
 
     def __init__(self, dim: int, world: WorldConfig, n_layers: int) -> None:
         super().__init__()
         self.layers = sorted({max(1, n_layers // 4), max(1, n_layers // 2)})
-        self.heads = nn.ModuleDict({str(k): DenseProbe(dim, world) for k in [0, *self.layers]})
+        self.heads = nn.ModuleDict({str(k): DenseProbe(dim, world, cells=True) for k in [0, *self.layers]})
 
     def loss(self, states: dict[int, torch.Tensor], t: dict[str, torch.Tensor], idx: list[int]) -> torch.Tensor:
         """states: tap -> (B, 8, tokens per frame, dim); tap 0 is the projector output."""
