@@ -333,9 +333,11 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
             if stage == "probe":
                 images = data.frames[idx] if vlm.kind == "video" else data.event_images[idx]
                 loss = probe.loss(tower_tokens(vlm, to_pixels(images, vlm.image_size)), dense, idx, vlm.kind == "video")
+                logged = loss.item()
             else:
                 loss, keep = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed), keeper, dense)
                 state["losses"]["keep"].append(round(keep.item(), 5))
+                logged = loss.item()  # the QA loss alone, comparable with or without the keeper
                 loss = loss + cfg.keep_weight * keep
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -343,10 +345,10 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
             opt.step()
             sched.step()
             state["step"] += 1
-            state["losses"][stage].append(round(loss.item(), 5))
+            state["losses"][stage].append(round(logged, 5))
             state["seconds"] += time.time() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{logged:.3f}")
             if state["step"] == total:
                 state = {**state, "stage": "qa" if stage == "probe" else "done", "step": 0 if stage == "probe" else total}
                 _save(ckpt, vlm, probe, keeper, None, None, state)  # the next stage starts a fresh optimizer
