@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
     p.add_argument("--roles", choices=("both", "target", "drafter"), default="both", help="which models to train (default both)")
     p.add_argument("--keep-weight", type=float, default=0.0, help="weight of the target's position-keeping probe loss "
-                   "during QA (default 0: off; 0.3 was tried, docs/crossmodal.md)")
+                   "during QA (default 0: off; 0.3 and 0.5 were tried, docs/crossmodal.md)")
     p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):

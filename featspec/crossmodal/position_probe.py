@@ -18,7 +18,8 @@ import torch
 
 from featspec.crossmodal.qa import _direction
 from featspec.crossmodal.scenes import WorldConfig, object_centres, render_timeline, video_frame_indices
-from featspec.crossmodal.vlm import VLM, load_mini, to_pixels
+from featspec.crossmodal.train import tower_tokens
+from featspec.crossmodal.vlm import VLM, language_of, load_mini, to_pixels
 from featspec.crossmodal.world import build_split
 
 
@@ -28,7 +29,7 @@ def collect(vlm: VLM, world: WorldConfig, n_clips: int, layers: tuple[int, ...])
     data = build_split(world, "train", n_clips, progress=False)
     times = render_timeline(world)
     times = times[video_frame_indices(len(times))]
-    lang = vlm.model.model.language_model
+    lang = language_of(vlm)
     vcfg = vlm.model.config.vision_config
     grid, per = vcfg.image_size // vcfg.patch_size, (vcfg.image_size // vcfg.patch_size) ** 2 + 1
     dtype = next(vlm.model.parameters()).dtype
@@ -43,17 +44,17 @@ def collect(vlm: VLM, world: WorldConfig, n_clips: int, layers: tuple[int, ...])
         prompt, answer = vlm.prompt_ids(qa.question), vlm._text_ids(qa.answer)
         ids = torch.tensor([prompt + answer])
         pixels = to_pixels(data.frames[i], vcfg.image_size)[None].to(dtype)
-        tower = vlm.model.model.video_tower(pixels[0], output_hidden_states=True).hidden_states[vlm.model.config.vision_feature_layer]
+        tower = tower_tokens(vlm, pixels)[0]  # (8, tokens per frame, vision hidden)
         states = lang(inputs_embeds=vlm.with_video(ids, vlm.video_features(pixels)), output_hidden_states=True).hidden_states
         video = (ids[0] == vlm.model.config.video_token_id).nonzero()[:, 0]
         centres = object_centres(world, sc, times)[:, k]  # (8, 2) pixels
         row = {}
         for frame in (0, 7):
             cx, cy = (np.minimum(grid - 1, centres[frame] // vcfg.patch_size)).astype(int)
-            tok = frame * per + 1 + cy * grid + cx
-            row[f"tower f{frame + 1}"] = tower[frame, 1 + cy * grid + cx]
+            patch = 1 + cy * grid + cx  # after the frame's CLS token
+            row[f"tower f{frame + 1}"] = tower[frame, patch]
             for layer in layers:
-                row[f"lm{layer} f{frame + 1}"] = states[layer][0, video[tok]]
+                row[f"lm{layer} f{frame + 1}"] = states[layer][0, video[frame * per + patch]]
         words = [vlm.tokenizer.decode([t]).strip() for t in answer]
         at = len(prompt) + words.index("x")  # the position whose next token is the first quoted x cell
         for layer in layers[1:]:

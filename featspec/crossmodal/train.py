@@ -336,7 +336,8 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
                 logged = loss.item()
             else:
                 loss, keep = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed), keeper, dense)
-                state["losses"]["keep"].append(round(keep.item(), 5))
+                if keeper is not None:
+                    state["losses"]["keep"].append(round(keep.item(), 5))
                 logged = loss.item()  # the QA loss alone, comparable with or without the keeper
                 loss = loss + cfg.keep_weight * keep
             opt.zero_grad(set_to_none=True)
