@@ -175,8 +175,11 @@ def test_packed_turns_equal_single_turn_prompts(tiny_run, role):
 
     vlm = load_mini(tiny_run / role, torch.float32)
     data = build_split(WorldConfig(), "train", 2, progress=False)
-    packed = qa_rows(vlm, data, [0, 1], step=3, seed=0)
-    assert all(len(spans) >= 4 for spans in packed["turns"])
+    packed = qa_rows(vlm, data, [0, 1], step=3, seed=0, grounding_turns=3)
+    plain = qa_rows(vlm, data, [0, 1], step=3, seed=0)
+    assert all(len(spans) >= 4 for spans in plain["turns"])
+    extra = 3 if role == "target" else 0  # grounding turns name the video prompt's frame labels
+    assert [len(s) for s in packed["turns"]] == [len(s) + extra for s in plain["turns"]]
     total, tokens = 0.0, 0
     for r, spans in enumerate(packed["turns"]):
         for a, p, b in spans:

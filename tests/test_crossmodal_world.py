@@ -147,13 +147,42 @@ def test_motion_answers_quote_the_rendered_start_and_end_positions():
             assert len(named) == 1, qa.question
             o, pos = scene.objects[named[0]], truth[:, named[0]]
             expect = [(min(9, int(x * 10 / cfg.size)), min(9, int(y * 10 / cfg.size))) for x, y in pos]
-            assert cells == (expect[:1] if o.motion == "spin" else expect), qa.answer
+            assert cells == expect, qa.answer
             if o.motion != "spin":
                 (x0, y0), (x1, y1) = cells
                 dx, dy = DIRECTIONS[o.motion]
                 assert (x1 - x0) * dx + (y1 - y0) * dy > 0 and (x1 - x0) * dy == 0 == (y1 - y0) * dx, qa.answer
             checked += 1
     assert checked > 80
+
+
+def test_grounding_answers_quote_the_rendered_cell_of_the_named_frame():
+    """"Where is X in frame k?" turns: the cell must be the renderer's centre in video frame k (the frame the
+    prompt labels "Frame k:"), and the answer must name that frame the way direction answers do."""
+    import re
+
+    from featspec.crossmodal.qa import grounding
+    from featspec.crossmodal.scenes import object_centres, render_timeline, video_frame_indices
+
+    cfg = WorldConfig()
+    times = render_timeline(cfg)[video_frame_indices(len(render_timeline(cfg)))]
+    frames_seen = set()
+    for i in range(40):
+        scene = make_scene(cfg, "train", i)
+        truth = object_centres(cfg, scene, times)  # (8, objects, 2)
+        for qa in grounding(scene, np.random.default_rng(i), 4):
+            k = int(re.search(r"frame (\d)", qa.question).group(1))
+            frames_seen.add(k)
+            named = [j for j, o in enumerate(scene.objects) if f"{o.colour} {o.shape}" in qa.question
+                     or (o.shape in qa.question and sum(p.shape == o.shape for p in scene.objects) == 1)]
+            assert len(named) == 1, qa.question
+            x, y = truth[k - 1, named[0]]
+            assert f"In Frame {k} " in qa.answer, qa.answer
+            cell = tuple(int(v) for v in re.search(r"x (\d), y (\d)", qa.answer).groups())
+            # frame times are rounded to render ticks, so a centre on a cell border may fall either side
+            assert all(abs(c - v * 10 / cfg.size) <= 1.01 for c, v in zip(cell, (x, y))), (qa.answer, x, y)
+            assert cell == (min(9, int(x * 10 / cfg.size)), min(9, int(y * 10 / cfg.size))) or k not in (1, 8), qa.answer
+    assert frames_seen == set(range(1, 9))
 
 
 def test_shape_questions_name_the_object_by_colour_when_it_is_unique():

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--roles", choices=("both", "target", "drafter"), default="both", help="which models to train (default both)")
     p.add_argument("--keep-weight", type=float, default=0.0, help="weight of the target's position-keeping probe loss "
                    "during QA (default 0: off; 0.3 and 0.5 were tried, docs/crossmodal.md)")
+    p.add_argument("--grounding-turns", type=int, default=None, help="short \"where is X in frame k?\" turns per target "
+                   "training row, besides its questions (default 0)")
     p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
@@ -158,6 +160,10 @@ def run(args) -> int:
         if not 0 <= args.keep_weight <= 100:
             raise FeatspecError(f"--keep-weight must be in [0, 100], got {args.keep_weight}")
         cfg.keep_weight = args.keep_weight
+        if args.grounding_turns is not None:
+            if not 0 <= args.grounding_turns <= 32:
+                raise FeatspecError(f"--grounding-turns must be in [0, 32], got {args.grounding_turns}")
+            cfg.grounding_turns = args.grounding_turns
         if args.init is not None:
             cfg.init = Path(args.init).expanduser()
             for role in cfg.roles:

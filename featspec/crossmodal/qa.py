@@ -60,27 +60,52 @@ def grid_cell(fraction: float) -> int:
     return min(GRID - 1, int(fraction * GRID))
 
 
-def _at(o: SceneObject, end: bool) -> str:
-    """Where an object is in the first (or last) frame, on the grid: "x 2, y 7"."""
-    fx, fy = o.path[2:] if end else o.path[:2]
-    return f"x {grid_cell(fx)}, y {grid_cell(fy)}"
+def cell_at(o: SceneObject, frame: int, frames: int = 8) -> tuple[int, int]:
+    """The object's grid cell in video frame `frame` (1-based): paths are straight and steady, and the first
+    and last video frames are the clip's first and last renders."""
+    f = (frame - 1) / (frames - 1)
+    x0, y0, x1, y1 = o.path
+    return grid_cell(x0 + f * (x1 - x0)), grid_cell(y0 + f * (y1 - y0))
+
+
+def _at(o: SceneObject, frame: int) -> str:
+    """Where an object is in a frame, on the grid: "x 2, y 7"."""
+    x, y = cell_at(o, frame)
+    return f"x {x}, y {y}"
+
+
+def _in_frame(o: SceneObject, frame: int, ref: str) -> str:
+    """"In Frame 3 the cross is at x 2, y 7": the frame named as the prompt labels it, right before the
+    lookup, so the answer carries the key (the label) the lookup needs; grounding answers use the same words."""
+    return f"In Frame {frame} {ref} is at {_at(o, frame)}"
 
 
 def _direction(scene: Scene, o: SceneObject, rng: np.random.Generator) -> QA:
-    """The answer states where the object starts and ends before it names the direction: two lookups in one
-    frame each, then a comparison of generated text, instead of a cross-frame comparison in one step.
-    Neither form has taught the mini target to read motion yet (docs/crossmodal.md): it learned the
-    comparison, not the reading of cells from the frames."""
+    """The answer states where the object is in the first and in the last frame before it names the direction:
+    two lookups in one labelled frame each, then a comparison of generated text, instead of a cross-frame
+    comparison in one step (docs/crossmodal.md has what each answer format taught the mini target)."""
     q = _pick(rng, ("Which way is {r} moving?", "In which direction does {r} move?", "Where is {r} going?",
                     "Describe the motion of {r}.")).format(r=_ref(scene, o))
-    lead = _pick(rng, ("In the video, ", "Throughout the clip, ", ""))
-    ref = _ref(scene, o) if lead else _ref(scene, o).capitalize()
+    start = _in_frame(o, 1, _ref(scene, o))
     if o.motion == "spin":
-        a = f"{lead}{ref} stays at {_at(o, False)}, so it does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
+        a = f"{start}, and in Frame 8 it is still at {_at(o, 8)}, so it does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
     else:
-        a = (f"{lead}{ref} starts at {_at(o, False)} and ends at {_at(o, True)}, so it is moving "
+        a = (f"{start}, and in Frame 8 it is at {_at(o, 8)}, so it is moving "
              f"{_pick(rng, DIR_PHRASES[o.motion])}{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}.")
     return QA("direction", q, a)
+
+
+def grounding(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
+    """`n` short training turns "where is X in frame k?": each answer is one lookup in one labelled frame, the
+    step direction and speed answers chain twice, with the loss on the cell digits instead of on the prose."""
+    out = []
+    for _ in range(n):
+        o = _pick(rng, list(scene.objects))
+        k = int(rng.integers(1, 9))
+        q = _pick(rng, ("Where is {r} in frame {k}?", "In frame {k}, where is {r}?", "Give the position of {r} in frame {k}.")
+                  ).format(r=_ref(scene, o), k=k)
+        out.append(QA("where", q, _in_frame(o, k, _ref(scene, o)) + "."))
+    return out
 
 
 def questions(scene: Scene, seed: int = 0, every_object: bool = False) -> list[QA]:
@@ -132,7 +157,7 @@ def questions(scene: Scene, seed: int = 0, every_object: bool = False) -> list[Q
         q = _pick(rng, ("Is {r} moving fast or slowly?", "How fast does {r} move?", "Does {r} move quickly or slowly?")
                   ).format(r=_ref(scene, o))
         extent = "a long way" if o.speed == "fast" else "only a short distance"
-        a = (f"{_ref(scene, o).capitalize()} goes from {_at(o, False)} to {_at(o, True)}, {extent}, "
+        a = (f"{_in_frame(o, 1, _ref(scene, o))}, and in Frame 8 at {_at(o, 8)}, {extent}, "
              f"so it moves {_pick(rng, SPEED_WORDS[o.speed])}.")
         out.append(QA("speed", q, a))
     q = _pick(rng, ("Describe the scene.", "What happens in this video?", "Describe what you see in the video."))

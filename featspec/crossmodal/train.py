@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featspec.crossmodal.qa import GRID, questions
+from featspec.crossmodal.qa import GRID, grounding, questions
 from featspec.crossmodal.scenes import Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
@@ -41,6 +41,8 @@ class PrepareConfig:
     # weight of `PositionKeeper` in the target's QA stage (0 = off, how the shipped minis were trained): it keeps
     # positions readable in the video tokens, but has not yet made the target answer directions (docs/crossmodal.md)
     keep_weight: float = 0.0
+    # short "where is X in frame k?" turns per target row, besides its questions (`qa.grounding`)
+    grounding_turns: int = 0
     checkpoint_every: int = 50
     seed: int = 0
     roles: tuple[str, ...] = ("target", "drafter")  # which models this run trains
@@ -177,8 +179,10 @@ class PositionKeeper(nn.Module):
 
 # ---------- QA batches ----------
 
-def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max_turns: int = 7) -> dict[str, torch.Tensor]:
-    """One row per clip: the visual prefix once, then the clip's questions (at most `max_turns`), each its own turn.
+def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max_turns: int = 7, grounding_turns: int = 0
+            ) -> dict[str, torch.Tensor]:
+    """One row per clip: the visual prefix once, then the clip's questions (at most `max_turns`) and
+    `grounding_turns` short position questions (video only: they name the prompt's frame labels), each its own turn.
 
     `qa_loss` masks attention so each turn sees the prefix and itself only, with positions restarting
     after the prefix: each turn is exactly the single-turn prompt + answer seen at inference, but the
@@ -191,6 +195,8 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max
         qas = questions(data.scenes[i], seed=int(rng.integers(1 << 30)), every_object=True)
         if len(qas) > max_turns:  # rows of similar length waste little compute on padding
             qas = [qas[j] for j in sorted(rng.choice(len(qas), size=max_turns, replace=False))]
+        if vlm.kind == "video" and grounding_turns:
+            qas += grounding(data.scenes[i], rng, grounding_turns)
         for qa in qas:
             prompt = vlm.turn_ids(qa.question)
             answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
@@ -335,7 +341,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
                 loss = probe.loss(tower_tokens(vlm, to_pixels(images, vlm.image_size)), dense, idx, vlm.kind == "video")
                 logged = loss.item()
             else:
-                loss, keep = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed), keeper, dense)
+                loss, keep = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed, grounding_turns=cfg.grounding_turns), keeper, dense)
                 if keeper is not None:
                     state["losses"]["keep"].append(round(keep.item(), 5))
                 logged = loss.item()  # the QA loss alone, comparable with or without the keeper
@@ -405,7 +411,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         state = train_role(cfg, vlm, data, progress)
         meta = {"world": cfg.world.to_json(), "n_train": cfg.n_train, "probe_steps": cfg.probe_steps[vlm.kind],
                 "init": str(cfg.init) if cfg.init is not None else None,
-                "qa_steps": cfg.qa_steps[vlm.kind], "qa_batch": cfg.qa_batch, "train_seconds": round(state["seconds"], 1),
+                "qa_steps": cfg.qa_steps[vlm.kind], "qa_batch": cfg.qa_batch,
+                "grounding_turns": cfg.grounding_turns if vlm.kind == "video" else 0, "train_seconds": round(state["seconds"], 1),
                 "final_qa_loss": float(np.mean(state["losses"]["qa"][-20:])) if state["losses"]["qa"] else None,
                 "visual_tokens": vlm.visual_tokens}
         save_mini(vlm, cfg.spec, out / role, meta)
