@@ -216,7 +216,7 @@ def test_position_keeper_trains_the_projector_to_keep_positions(tiny_run):
     batch = qa_rows(vlm, data, [0, 1, 2, 3], step=0, seed=0)
     losses = []
     for _ in range(8):
-        _, aux = qa_loss(vlm, batch, keeper, dense)
+        _, aux, _ = qa_loss(vlm, batch, keeper, dense)
         opt.zero_grad()
         aux.backward()
         assert proj.linear_1.weight.grad.abs().sum() > 0
@@ -261,3 +261,61 @@ def test_position_probe_reads_planted_positions_and_runs_on_a_mini(tiny_run):
     scores = position_probe(load_mini(tiny_run / "target", torch.float32), WorldConfig(), 24)
     assert {"tower f1", "lm0 f1", "lm2 f8", "answer lm2"} <= set(scores)
     assert all(-1 <= v <= 1 for v in scores.values())
+
+
+def test_attention_guide_reads_the_models_own_attention_and_moves_it(tiny_run):
+    """`--attend-weight`: the guide recomputes the attention of its layers at the positions that write a
+    quoted coordinate; it must equal the weights the model itself uses (eager attention), mark the named
+    object's patches in the named frame, and a few steps on its loss must raise the mass there."""
+    from featspec.crossmodal.guide import AttentionGuide, look_targets
+    from featspec.crossmodal.scenes import WorldConfig
+    from featspec.crossmodal.train import dense_targets, qa_loss, qa_rows, turn_mask
+    from featspec.crossmodal.world import build_split
+
+    torch.manual_seed(0)
+    vlm = load_mini(tiny_run / "target", torch.float32)
+    world = WorldConfig()
+    data = build_split(world, "train", 4, progress=False)
+    dense = dense_targets(world, data.scenes, "video", vlm.model.config.vision_config.patch_size)
+    batch = qa_rows(vlm, data, [0, 1, 2, 3], step=0, seed=0, grounding_turns=2)
+    words = [[vlm.tokenizer.decode([t]).strip() for t in row] for row in batch["input_ids"].tolist()]
+    assert batch["looks"] and all(words[r][p + 1].isdigit() for r, p, *_ in batch["looks"])
+    lang = vlm.model.model.language_model
+    guide = AttentionGuide(lang)
+    assert guide.layers == [0, 1]
+    ids = batch["input_ids"]
+    video = (ids[0] == vlm.model.config.video_token_id).nonzero()[:, 0]
+    rows, queries, targets = look_targets(batch["looks"], video, len(video) // 8, dense["owner"], ids.shape[1])
+    assert len(rows) and targets.sum(1).min() >= 1
+    assert bool((ids[rows[:, None].expand_as(targets)[targets], targets.nonzero()[:, 1]] == vlm.model.config.video_token_id).all())
+
+    # the recomputed attention equals the model's eager attention weights at those positions
+    emb = vlm.with_video(ids, vlm.video_features(batch["pixels"]))
+    mask, pos = turn_mask(emb.shape[0], emb.shape[1], batch["prefix"], batch["turns"], emb.dtype)
+    lang.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = lang(inputs_embeds=emb, attention_mask=mask, position_ids=pos, output_attentions=True)
+        for k in guide.layers:
+            hidden, cos, sin = guide.seen[k]
+            eager = out.attentions[k][rows, :, queries]  # (N, heads, W)
+            mass = (eager * targets[:, None]).sum(-1).max(-1).values
+            one = AttentionGuide.__new__(AttentionGuide)
+            one.layers, one.modules, one.seen = [k], [guide.modules[guide.layers.index(k)]], {k: (hidden, cos, sin)}
+            assert float(one.loss(mask, queries, rows, targets)) == pytest.approx(float(-mass.clamp_min(1e-6).log().mean()), rel=1e-4)
+    guide.seen.clear()
+    lang.config._attn_implementation = "sdpa"
+
+    params = [p for n, p in vlm.model.named_parameters() if "language_model" in n and ("q_proj" in n or "k_proj" in n)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for _ in range(6):
+        _, _, attend = qa_loss(vlm, batch, dense=dense, guide=guide)
+        opt.zero_grad()
+        attend.backward()
+        opt.step()
+        losses.append(attend.item())
+    guide.remove()
+    assert losses[-1] < 0.8 * losses[0]
+    assert float(qa_loss(vlm, batch)[2]) == 0.0  # no guide, no attention loss

@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
                    "during QA (default 0: off; 0.3 and 0.5 were tried, docs/crossmodal.md)")
     p.add_argument("--grounding-turns", type=int, default=None, help="short \"where is X in frame k?\" turns per target "
                    "training row, besides its questions (default 0)")
+    p.add_argument("--attend-weight", type=float, default=None, help="weight of the target's attention guidance "
+                   "during QA: at each quoted coordinate, attend to the named object's patches in the named frame (default 0)")
     p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
@@ -160,6 +162,10 @@ def run(args) -> int:
         if not 0 <= args.keep_weight <= 100:
             raise FeatspecError(f"--keep-weight must be in [0, 100], got {args.keep_weight}")
         cfg.keep_weight = args.keep_weight
+        if args.attend_weight is not None:
+            if not 0 <= args.attend_weight <= 100:
+                raise FeatspecError(f"--attend-weight must be in [0, 100], got {args.attend_weight}")
+            cfg.attend_weight = args.attend_weight
         if args.grounding_turns is not None:
             if not 0 <= args.grounding_turns <= 32:
                 raise FeatspecError(f"--grounding-turns must be in [0, 32], got {args.grounding_turns}")

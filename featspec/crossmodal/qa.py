@@ -28,6 +28,8 @@ class QA:
     kind: str
     question: str
     answer: str
+    # (video frame, object index) of each cell the answer quotes, in order: where a grounded reader must look
+    cells: tuple[tuple[int, int], ...] = ()
 
 
 def _pick(rng: np.random.Generator, options):
@@ -92,7 +94,8 @@ def _direction(scene: Scene, o: SceneObject, rng: np.random.Generator) -> QA:
     else:
         a = (f"{start}, and in Frame 8 it is at {_at(o, 8)}, so it is moving "
              f"{_pick(rng, DIR_PHRASES[o.motion])}{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}.")
-    return QA("direction", q, a)
+    j = scene.objects.index(o)
+    return QA("direction", q, a, ((1, j), (8, j)))
 
 
 def grounding(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
@@ -104,7 +107,7 @@ def grounding(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
         k = int(rng.integers(1, 9))
         q = _pick(rng, ("Where is {r} in frame {k}?", "In frame {k}, where is {r}?", "Give the position of {r} in frame {k}.")
                   ).format(r=_ref(scene, o), k=k)
-        out.append(QA("where", q, _in_frame(o, k, _ref(scene, o)) + "."))
+        out.append(QA("where", q, _in_frame(o, k, _ref(scene, o)) + ".", ((k, scene.objects.index(o)),)))
     return out
 
 
@@ -159,7 +162,7 @@ def questions(scene: Scene, seed: int = 0, every_object: bool = False) -> list[Q
         extent = "a long way" if o.speed == "fast" else "only a short distance"
         a = (f"{_in_frame(o, 1, _ref(scene, o))}, and in Frame 8 at {_at(o, 8)}, {extent}, "
              f"so it moves {_pick(rng, SPEED_WORDS[o.speed])}.")
-        out.append(QA("speed", q, a))
+        out.append(QA("speed", q, a, ((1, objs.index(o)), (8, objs.index(o)))))
     q = _pick(rng, ("Describe the scene.", "What happens in this video?", "Describe what you see in the video."))
     out.append(QA("describe", q, _describe(scene, rng)))
     return out

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featspec.crossmodal.guide import AttentionGuide, look_targets
 from featspec.crossmodal.qa import GRID, grounding, questions
 from featspec.crossmodal.scenes import Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
@@ -43,6 +44,8 @@ class PrepareConfig:
     keep_weight: float = 0.0
     # short "where is X in frame k?" turns per target row, besides its questions (`qa.grounding`)
     grounding_turns: int = 0
+    # weight of `AttentionGuide` (the target's attention at quoted coordinates, on the named object's patches)
+    attend_weight: float = 0.0
     checkpoint_every: int = 50
     seed: int = 0
     roles: tuple[str, ...] = ("target", "drafter")  # which models this run trains
@@ -62,7 +65,7 @@ class PrepareConfig:
 def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int, min_cover: float = 0.1
                   ) -> dict[str, torch.Tensor]:
     """Per image and patch: colour and shape of the object covering most of the patch (0 = none below
-    `min_cover`), that object's centre relative to the patch and in the image (so tokens state where an
+    `min_cover`), which object that is (`owner`, index + 1), that object's centre relative to the patch and in the image (so tokens state where an
     object is, which direction answers compare across frames), and per image the object count.
 
     Every patch an object covers is labelled, not only the one holding its centre: the centre patch of a
@@ -81,6 +84,7 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
     colour = np.zeros((n, f, g * g), dtype=np.int64)
     shape = np.zeros((n, f, g * g), dtype=np.int64)
     offset = np.zeros((n, f, g * g, 4), dtype=np.float32)
+    owner = np.zeros((n, f, g * g), dtype=np.int64)
     count = np.zeros(n, dtype=np.int64)
     cells = np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="xy"), -1).reshape(-1, 2)  # (x, y) per cell
     for i, sc in enumerate(scenes):
@@ -97,11 +101,12 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
             hit = (best == k) & (amount >= min_cover)
             rows, cols = np.nonzero(hit)
             shape[i, rows, cols] = world.shapes.index(o.shape) + 1
+            owner[i, rows, cols] = k + 1
             colour[i, rows, cols] = world.colours.index(o.colour) + 1 if kind == "video" else 0
             c = centres[rows, k]
             offset[i, rows, cols] = np.concatenate([c / patch - cells[cols], c / world.size], axis=1)
     return {"colour": torch.from_numpy(colour), "shape": torch.from_numpy(shape), "offset": torch.from_numpy(offset),
-            "count": torch.from_numpy(count)}
+            "count": torch.from_numpy(count), "owner": torch.from_numpy(owner)}
 
 
 class DenseProbe(nn.Module):
@@ -189,8 +194,8 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max
     visual tokens are computed once for all of a clip's questions (about 2.7x the answers per second)."""
     rng = np.random.default_rng([seed, step, 17])
     prefix = vlm.prefix_ids()
-    seqs, turns = [], []
-    for i in idx:
+    seqs, turns, looks = [], [], []
+    for r, i in enumerate(idx):
         seq, spans = list(prefix), []
         qas = questions(data.scenes[i], seed=int(rng.integers(1 << 30)), every_object=True)
         if len(qas) > max_turns:  # rows of similar length waste little compute on padding
@@ -201,6 +206,12 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max
             prompt = vlm.turn_ids(qa.question)
             answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
             spans.append((len(seq), len(seq) + len(prompt), len(seq) + len(prompt) + len(answer)))
+            start = len(seq) + len(prompt)
+            if qa.cells and vlm.kind == "video":  # each cell quotes two coordinates, x then y
+                slots = coordinate_slots(vlm, answer)
+                where = [c for c in qa.cells for _ in (0, 1)]
+                if len(slots) == len(where):
+                    looks += [(r, start + t, i, frame, obj) for t, (frame, obj) in zip(slots, where)]
             seq += prompt + answer
         seqs.append(seq)
         turns.append(spans)
@@ -209,7 +220,15 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
     images = data.frames[idx] if vlm.kind == "video" else data.event_images[idx]
-    return {"input_ids": ids, "prefix": len(prefix), "turns": turns, "pixels": to_pixels(images, vlm.image_size), "idx": idx}
+    return {"input_ids": ids, "prefix": len(prefix), "turns": turns, "pixels": to_pixels(images, vlm.image_size), "idx": idx,
+            "looks": looks}
+
+
+def coordinate_slots(vlm: VLM, answer: list[int]) -> list[int]:
+    """Indices in `answer` whose next token is a quoted coordinate's digit ("x 2": the position that writes the
+    2): what the model reads there decides the coordinate."""
+    words = [vlm.tokenizer.decode([t]).strip() for t in answer]
+    return [t for t in range(1, len(words) - 1) if words[t + 1].isdigit() and (words[t] in ("x", "y") or words[t - 1] in ("x", "y") and words[t] == "")]
 
 
 def turn_mask(rows: int, width: int, prefix: int, turns: list[list[tuple[int, int, int]]], dtype: torch.dtype
@@ -233,10 +252,10 @@ def turn_mask(rows: int, width: int, prefix: int, turns: list[list[tuple[int, in
     return mask[:, None], pos
 
 
-def qa_loss(vlm: VLM, batch: dict, keeper: PositionKeeper | None = None, dense: dict | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on answer tokens only (mean over every answer token of the batch), and the keeper's
-    probe loss on the video tokens (0 without a keeper)."""
+def qa_loss(vlm: VLM, batch: dict, keeper: PositionKeeper | None = None, dense: dict | None = None,
+            guide: AttentionGuide | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy on answer tokens only (mean over every answer token of the batch), the keeper's probe
+    loss on the video tokens, and the guide's attention loss at quoted coordinates (0 without them)."""
     ids_in = batch["input_ids"]
     if vlm.kind == "video":
         feats = vlm.video_features(batch["pixels"])
@@ -249,12 +268,18 @@ def qa_loss(vlm: VLM, batch: dict, keeper: PositionKeeper | None = None, dense: 
     lang = vlm.model.model.language_model if vlm.kind == "video" else vlm.model.model
     out = lang(inputs_embeds=emb, attention_mask=mask, position_ids=pos, output_hidden_states=keeper is not None)
     hidden = out.last_hidden_state
-    aux = torch.zeros(())
+    keep = attend = torch.zeros(())
+    if keeper is not None or guide is not None:
+        video = (ids_in[0] == vlm.model.config.video_token_id).nonzero()[:, 0]  # every row shares the prefix
     if keeper is not None:
         grid = (len(batch["pixels"]), 8, -1, emb.shape[-1])
-        video = (ids_in[0] == vlm.model.config.video_token_id).nonzero()[:, 0]  # every row shares the prefix
         states = {0: feats.reshape(grid), **{k: out.hidden_states[k][:, video].reshape(grid) for k in keeper.layers}}
-        aux = keeper.loss(states, dense, batch["idx"])
+        keep = keeper.loss(states, dense, batch["idx"])
+    if guide is not None:
+        rows, queries, targets = look_targets(batch["looks"], video, len(video) // 8, dense["owner"], emb.shape[1])
+        if len(rows):
+            attend = guide.loss(mask, queries, rows, targets)
+        guide.seen.clear()
     rows, cols = [], []
     for r, spans in enumerate(turns):
         for _, p, b in spans:
@@ -263,7 +288,7 @@ def qa_loss(vlm: VLM, batch: dict, keeper: PositionKeeper | None = None, dense: 
     rows, cols = torch.cat(rows), torch.cat(cols)
     ids = torch.cat([torch.full((emb.shape[0], shift), -1, dtype=torch.long), batch["input_ids"]], dim=1)
     logits = vlm.model.lm_head(hidden[rows, cols]).float()
-    return nn.functional.cross_entropy(logits, ids[rows, cols + 1]), aux
+    return nn.functional.cross_entropy(logits, ids[rows, cols + 1]), keep, attend
 
 
 # ---------- the resumable loop ----------
@@ -309,11 +334,13 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
     if vlm.kind == "video" and cfg.keep_weight > 0:
         text = vlm.model.config.text_config
         keeper = PositionKeeper(text.hidden_size, cfg.world, text.num_hidden_layers)
-    state = {"stage": "probe", "step": 0, "losses": {"probe": [], "qa": [], "keep": []}, "seconds": 0.0}
+    guide = AttentionGuide(vlm.model.model.language_model) if vlm.kind == "video" and cfg.attend_weight > 0 else None
+    state = {"stage": "probe", "step": 0, "losses": {"probe": [], "qa": [], "keep": [], "attend": []}, "seconds": 0.0}
     saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False) if (ckpt / "state.pt").exists() else None
     if saved is not None:
         state = saved["meta"]
         state["losses"].setdefault("keep", [])
+        state["losses"].setdefault("attend", [])
         vlm.model.load_state_dict(saved["model"], strict=False)
         probe.load_state_dict(saved["probe"])
         if keeper is not None and "keeper" in saved:
@@ -341,11 +368,14 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
                 loss = probe.loss(tower_tokens(vlm, to_pixels(images, vlm.image_size)), dense, idx, vlm.kind == "video")
                 logged = loss.item()
             else:
-                loss, keep = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed, grounding_turns=cfg.grounding_turns), keeper, dense)
+                loss, keep, attend = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed, grounding_turns=cfg.grounding_turns),
+                                             keeper, dense, guide)
                 if keeper is not None:
                     state["losses"]["keep"].append(round(keep.item(), 5))
-                logged = loss.item()  # the QA loss alone, comparable with or without the keeper
-                loss = loss + cfg.keep_weight * keep
+                if guide is not None:
+                    state["losses"]["attend"].append(round(attend.item(), 5))
+                logged = loss.item()  # the QA loss alone, comparable with or without the keeper and guide
+                loss = loss + cfg.keep_weight * keep + cfg.attend_weight * attend
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -355,7 +385,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
             state["losses"][stage].append(round(logged, 5))
             state["seconds"] += time.time() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{logged:.3f}")
+            bar.set_postfix(loss=f"{logged:.3f}", **({"attend": f"{attend.item():.2f}"} if stage == "qa" and guide is not None else {}))
             if state["step"] == total:
                 state = {**state, "stage": "qa" if stage == "probe" else "done", "step": 0 if stage == "probe" else total}
                 _save(ckpt, vlm, probe, keeper, None, None, state)  # the next stage starts a fresh optimizer
@@ -364,6 +394,8 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
                 _save(ckpt, vlm, probe, keeper, opt, sched, state)
         bar.close()
         saved = None
+    if guide is not None:
+        guide.remove()
     return state
 
 
@@ -412,7 +444,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         meta = {"world": cfg.world.to_json(), "n_train": cfg.n_train, "probe_steps": cfg.probe_steps[vlm.kind],
                 "init": str(cfg.init) if cfg.init is not None else None,
                 "qa_steps": cfg.qa_steps[vlm.kind], "qa_batch": cfg.qa_batch,
-                "grounding_turns": cfg.grounding_turns if vlm.kind == "video" else 0, "train_seconds": round(state["seconds"], 1),
+                "grounding_turns": cfg.grounding_turns if vlm.kind == "video" else 0,
+                "attend_weight": cfg.attend_weight if vlm.kind == "video" else 0.0, "train_seconds": round(state["seconds"], 1),
                 "final_qa_loss": float(np.mean(state["losses"]["qa"][-20:])) if state["losses"]["qa"] else None,
                 "visual_tokens": vlm.visual_tokens}
         save_mini(vlm, cfg.spec, out / role, meta)
