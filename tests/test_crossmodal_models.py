@@ -42,6 +42,7 @@ def test_eval_and_show_on_tiny_models(tiny_run, tmp_path, capsys):
         acc = result[role]["accuracy"]
         assert set(acc) == {"direction", "count", "shape", "colour", "speed"}
         assert all(v is None or 0.0 <= v <= 1.0 for v in acc.values())
+        assert result[role]["cells_within_one"] is None or 0.0 <= result[role]["cells_within_one"] <= 1.0
         assert result["prefill_ms"][role] > 0
     assert len(result["samples"]) == 3
     png = tmp_path / "show.png"

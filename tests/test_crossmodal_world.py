@@ -156,6 +156,17 @@ def test_motion_answers_quote_the_rendered_start_and_end_positions():
     assert checked > 80
 
 
+def test_quoted_cells_score_within_one_cell():
+    from featspec.crossmodal.qa import cells_within_one, quoted_cells
+
+    ref = "In Frame 1 the cross is at x 2, y 7, and in Frame 8 it is at x 8, y 7, so it is moving right."
+    assert quoted_cells(ref) == [(2, 7), (8, 7)]
+    assert cells_within_one(ref, ref) == (4, 4)
+    assert cells_within_one("the cross starts at x 3, y 5 and ends at x 8, y 9", ref) == (2, 4)
+    assert cells_within_one("it is moving right", ref) == (0, 4)
+    assert cells_within_one(ref, "There are two objects.") == (0, 0)
+
+
 def test_grounding_answers_quote_the_rendered_cell_of_the_named_frame():
     """"Where is X in frame k?" turns: the cell must be the renderer's centre in video frame k (the frame the
     prompt labels "Frame k:"), and the answer must name that frame the way direction answers do."""

@@ -29,9 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-weight", type=float, default=0.0, help="weight of the target's position-keeping probe loss "
                    "during QA (default 0: off; 0.3 and 0.5 were tried, docs/crossmodal.md)")
     p.add_argument("--grounding-turns", type=int, default=None, help="short \"where is X in frame k?\" turns per target "
-                   "training row, besides its questions (default 0)")
+                   "training row, besides its questions (default 0; 8 was tried, docs/crossmodal.md)")
     p.add_argument("--attend-weight", type=float, default=None, help="weight of the target's attention guidance "
-                   "during QA: at each quoted coordinate, attend to the named object's patches in the named frame (default 0)")
+                   "during QA: at each quoted coordinate, attend to the named object's patches in the named frame (default 0; 0.3 "
+                   "was tried, docs/crossmodal.md)")
     p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):

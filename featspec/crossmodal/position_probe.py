@@ -3,7 +3,7 @@
 For each clip with a translating object, the first such object's x position in frame 1 (and frame 8) is
 regressed linearly from: the tower's output at the patch holding the object's centre, the projected token
 there (the language model's input), the language model's states at that token, and its states at the
-answer position that writes the first quoted cell ("... starts at x"). The score is the correlation of
+answer position that writes the first quoted cell ("... is at x"). The score is the correlation of
 prediction and truth on held-out clips. Used for docs/crossmodal.md; run it as
 `python -m featspec.crossmodal.position_probe --models DIR [--clips 400]`.
 """

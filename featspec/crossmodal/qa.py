@@ -186,6 +186,19 @@ _COUNT_RE = re.compile(r"\b(one|two|three|four|five|1|2|3|4|5)\b")
 _COUNT_CANON = {"1": "one", "2": "two", "3": "three", "4": "four", "5": "five"}
 
 
+def quoted_cells(answer: str) -> list[tuple[int, int]]:
+    """The grid cells an answer quotes ("x 2, y 7"), in order."""
+    return [(int(x), int(y)) for x, y in re.findall(r"\bx (\d), y (\d)\b", answer.lower())]
+
+
+def cells_within_one(answer: str, reference: str) -> tuple[int, int]:
+    """(coordinates of the reference's quoted cells that the answer matches within one cell, reference
+    coordinates): whether a model reads positions, apart from whether it names the right direction."""
+    truth, got = quoted_cells(reference), quoted_cells(answer)
+    hits = sum(abs(a - b) <= 1 for t, g in zip(truth, got) for a, b in zip(t, g))
+    return hits, 2 * len(truth)
+
+
 def parse(answer: str, attribute: str) -> str | None:
     """The first value of `attribute` an answer states, or None. Questions never name the value they ask for."""
     text = answer.lower()
