@@ -65,8 +65,9 @@ class PrepareConfig:
 def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int, min_cover: float = 0.1
                   ) -> dict[str, torch.Tensor]:
     """Per image and patch: colour and shape of the object covering most of the patch (0 = none below
-    `min_cover`), which object that is (`owner`, index + 1), that object's centre relative to the patch and in the image (so tokens state where an
-    object is, which direction answers compare across frames), and per image the object count.
+    `min_cover`), which object that is (`owner`, index + 1; `AttentionGuide`'s targets), that object's centre
+    relative to the patch and in the image (so tokens state where an object is, which direction answers
+    compare across frames), and per image the object count.
 
     Every patch an object covers is labelled, not only the one holding its centre: the centre patch of a
     large object is uniformly filled, and the shape shows only at the edges, in the neighbours (with
