@@ -50,15 +50,13 @@ class AttentionGuide:
             q = attn.q_proj(hidden[rows, queries]).float().unflatten(-1, (-1, hd))  # (N, Hq, hd)
             c, s = cos[rows, queries].float()[:, None], sin[rows, queries].float()[:, None]
             q = q * c + rotate_half(q) * s
-            key = attn.k_proj(hidden[rows]).float().unflatten(-1, (-1, hd))  # (N, W, Hkv, hd)
-            ck, sk = cos[rows].float()[:, :, None], sin[rows].float()[:, :, None]
-            key = key * ck + rotate_half(key) * sk
-            key = key.repeat_interleave(q.shape[1] // key.shape[2], dim=2)  # grouped-query heads share keys
+            key = attn.k_proj(hidden).float().unflatten(-1, (-1, hd))  # (B, W, Hkv, hd), once per row
+            key = key * cos.float()[:, :, None] + rotate_half(key) * sin.float()[:, :, None]
+            key = key[rows].repeat_interleave(q.shape[1] // key.shape[2], dim=2)  # (N, W, Hq, hd): grouped-query heads share keys
             logits = torch.einsum("nhd,nwhd->nhw", q, key) * attn.scaling + mask[rows, 0, queries].float()[:, None]
             probs = logits.softmax(-1)
             mass = (probs * targets[:, None].float()).sum(-1)  # (N, Hq)
             total = total - mass.max(-1).values.clamp_min(1e-6).log().mean()
-        self.seen.clear()
         return total / len(self.layers)
 
 

@@ -229,7 +229,8 @@ def coordinate_slots(vlm: VLM, answer: list[int]) -> list[int]:
     """Indices in `answer` whose next token is a quoted coordinate's digit ("x 2": the position that writes the
     2): what the model reads there decides the coordinate."""
     words = [vlm.tokenizer.decode([t]).strip() for t in answer]
-    return [t for t in range(1, len(words) - 1) if words[t + 1].isdigit() and (words[t] in ("x", "y") or words[t - 1] in ("x", "y") and words[t] == "")]
+    return [t for t in range(1, len(words) - 1)
+            if words[t + 1].isdigit() and (words[t] in ("x", "y") or (words[t - 1] in ("x", "y") and words[t] == ""))]
 
 
 def turn_mask(rows: int, width: int, prefix: int, turns: list[list[tuple[int, int, int]]], dtype: torch.dtype
