@@ -18,7 +18,7 @@ import torch
 
 from featspec.crossmodal.qa import _direction
 from featspec.crossmodal.scenes import WorldConfig, object_centres, render_timeline, video_frame_indices
-from featspec.crossmodal.train import tower_tokens
+from featspec.crossmodal.train import coordinate_slots, tower_tokens
 from featspec.crossmodal.vlm import VLM, language_of, load_mini, to_pixels
 from featspec.crossmodal.world import build_split
 
@@ -55,8 +55,7 @@ def collect(vlm: VLM, world: WorldConfig, n_clips: int, layers: tuple[int, ...])
             row[f"tower f{frame + 1}"] = tower[frame, patch]
             for layer in layers:
                 row[f"lm{layer} f{frame + 1}"] = states[layer][0, video[frame * per + patch]]
-        words = [vlm.tokenizer.decode([t]).strip() for t in answer]
-        at = len(prompt) + words.index("x")  # the position whose next token is the first quoted x cell
+        at = len(prompt) + coordinate_slots(vlm, answer)[0]  # the position whose next token is the first x digit
         for layer in layers[1:]:
             row[f"answer lm{layer}"] = states[layer][0, at]
         for name, v in row.items():
