@@ -53,6 +53,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="eagle2/eagle3: auto picks the draft depth and node count every step from draft confidence, "
                         "the measured verify-cost curve of this machine and measured drafting time (default fixed); "
                         "bench methods eagle2-auto / eagle3-auto do the same beside the fixed ones")
+    p.add_argument("--lookup", action="store_true",
+                   help="graft prompt-lookup continuations (matches of the last 2-4 tokens in the context, up to 16 "
+                        "extra nodes) onto the drafter's tree; bench methods eagle3-lookup / eagle3-auto-lookup do the "
+                        "same beside the plain ones")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=d.data, help="training data: sharegpt (the held-out benchmark slice is excluded)")
     t.add_argument("--max-conversations", type=_positive_int, default=d.max_conversations,
                    help=f"conversations to train on (default {d.max_conversations})")
+    t.add_argument("--skip-conversations", type=int, default=d.skip_conversations, metavar="N",
+                   help="leave out the first N conversations of the seeded order, e.g. the ones an --init-from head "
+                        "already trained on (default 0)")
     t.add_argument("--max-length", type=_positive_int, default=d.max_length, help=f"tokens per conversation (default {d.max_length})")
     t.add_argument("--out", required=True, help="run directory: checkpoint/ while training, head/ at the end")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
@@ -138,8 +145,10 @@ def cmd_train(args) -> int:
         grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, ttt_steps=args.ttt_steps,
         draft_vocab=args.draft_vocab, dtype=args.dtype, save_every=args.save_every, eval_every=args.eval_every,
         max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate, init_from=args.init_from,
-        cache_features=args.cache_features,
+        cache_features=args.cache_features, skip_conversations=args.skip_conversations,
     )
+    if cfg.skip_conversations < 0:
+        raise FeatspecError(f"--skip-conversations must be >= 0, got {cfg.skip_conversations}")
     if cfg.lr <= 0:
         raise FeatspecError(f"--lr must be > 0, got {cfg.lr}")
     train(cfg, resume=args.resume, command="featspec " + " ".join(sys.argv[1:]))
@@ -158,7 +167,7 @@ def _draft_options(args):
     from featspec.drafters import DraftOptions
 
     return DraftOptions(draft_model=args.draft_model, draft_length=args.draft_length, head=args.head, depth=args.depth,
-                        topk=args.topk, total_tokens=args.total_tokens, budget=args.budget)
+                        topk=args.topk, total_tokens=args.total_tokens, budget=args.budget, lookup=args.lookup)
 
 
 def _sampling(args):
@@ -171,7 +180,7 @@ def _sampling(args):
 
 def cmd_generate(args) -> int:
     from featspec.bench.methods import HFMethod
-    from featspec.drafters import DRAFT_METHODS, SHIPPED_HEADS, build_drafter
+    from featspec.drafters import DRAFT_METHODS, SHIPPED_HEADS, build_drafter, check_lookup
     from featspec.engine import SpeculativeGenerator, eos_token_ids
     from featspec.models import TargetModel, load_model
     from featspec.prompts import encode_messages, has_chat_template
@@ -181,6 +190,7 @@ def cmd_generate(args) -> int:
         args.method = "eagle3" if (SHIPPED_HEADS / args.target / "eagle3" / "config.json").exists() else "ngram"
     if args.method not in DRAFT_METHODS:
         raise FeatspecError(f"unknown method '{args.method}': use one of {', '.join(DRAFT_METHODS)}")
+    check_lookup(args.method, args.lookup)
     if args.prompt_file:
         try:
             prompt = Path(args.prompt_file).read_text()
@@ -245,12 +255,15 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from featspec.bench.datasets import load_dataset
     from featspec.bench.methods import parse_methods
+    from featspec.drafters import check_lookup
     from featspec.bench.report import markdown_table, write_json, write_plot
     from featspec.bench.runner import run_bench
     from featspec.models import load_model
 
     sampling = _sampling(args)
     methods = parse_methods(args.methods)
+    for m in methods:
+        check_lookup(m, args.lookup)
     samples = load_dataset(args.dataset, args.limit)
     lm = load_model(args.target, args.dtype)
     started = time.strftime("%Y-%m-%d %H:%M:%S")

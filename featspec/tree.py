@@ -46,8 +46,13 @@ class DraftTree:
     @classmethod
     def from_paths(cls, root: int, paths: list[list[int]], max_nodes: int) -> "DraftTree":
         """Merge token sequences into a trie (earlier paths first among siblings), at most max_nodes nodes."""
-        tokens, parents = [root], [-1]
-        index: dict[tuple[int, int], int] = {}
+        return cls.root(root).grafted(paths, max_nodes)
+
+    def grafted(self, paths: list[list[int]], max_nodes: int) -> "DraftTree":
+        """This tree with token sequences from the root merged in: a path follows existing nodes while their
+        tokens match and adds new nodes (after the existing ones, q None) until `max_nodes` nodes exist."""
+        tokens, parents, q = list(self.tokens), list(self.parents), list(self.q)
+        index = {(p, t): i for i, (t, p) in enumerate(zip(tokens, parents)) if i > 0}
         for path in paths:
             node = 0
             for tok in path:
@@ -58,8 +63,19 @@ class DraftTree:
                     index[key] = len(tokens)
                     tokens.append(tok)
                     parents.append(node)
+                    q.append(None)
                 node = index[key]
-        return cls(tokens, parents)
+        return self if len(tokens) == len(self.tokens) else DraftTree(tokens, parents, q)
+
+    def matched(self, tokens: list[int]) -> int:
+        """How many of `tokens` this tree holds as a path from its root (e.g. of another tree's accepted path)."""
+        node, n = 0, 0
+        for tok in tokens:
+            nxt = next((c for c in self.children[node] if self.tokens[c] == tok), None)
+            if nxt is None:
+                break
+            node, n = nxt, n + 1
+        return n
 
     def __len__(self) -> int:
         return len(self.tokens)

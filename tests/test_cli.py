@@ -55,6 +55,9 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         (["train", "--out", "/nonexistent/run", "--resume"], ["no checkpoint", "without --resume"]),
         (["train", "--out", "/tmp/x", "--method", "medusa"], ["invalid choice"]),
         (["bench", "--methods", "hf,eagle3", "--budget", "sometimes"], ["invalid choice"]),
+        (["generate", "--prompt", "hi", "--method", "ngram", "--lookup"], ["--lookup", "method ngram"]),
+        (["bench", "--methods", "hf,vanilla", "--lookup"], ["--lookup", "method vanilla"]),
+        (["train", "--out", "/tmp/x", "--skip-conversations", "-1"], ["--skip-conversations", ">= 0"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, needles):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from featspec.budget import Budget, CostCurve
 from featspec.drafters.eagle import DEFAULT_STATIC_TREE, FeatureDrafter
+from featspec.drafters.lookup import LookupGraft
 from featspec.engine import SpeculativeGenerator
 from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head
@@ -108,6 +109,9 @@ def drafters(h1, h3, rng: random.Random):
         FeatureDrafter(h1, "eagle2", depth=rng.randint(1, 6), topk=rng.randint(1, 5), total_tokens=rng.randint(1, 30)),
         FeatureDrafter(h3, "eagle3", depth=rng.randint(1, 6), topk=rng.randint(1, 5), total_tokens=rng.randint(1, 30)),
         FeatureDrafter(h3, "eagle3", depth=5, topk=4, total_tokens=40, budget=Budget(curve)),
+        LookupGraft(FeatureDrafter(h3, "eagle3", depth=rng.randint(1, 6), topk=rng.randint(1, 5),
+                                   total_tokens=rng.randint(1, 30), budget=Budget(curve) if rng.random() < 0.5 else None),
+                    max_extra=rng.randint(1, 16)),
     ]
 
 
@@ -147,6 +151,26 @@ def test_trained_heads_get_accepted(trained, name):
         tau = (sum(k * v for k, v in hist.items()) + steps) / steps
         assert tau > 1.8, (drafter.name, hist)
         assert any(k >= 3 for k in hist), (drafter.name, hist)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_lookup_graft_adds_accepted_nodes(trained, name):
+    """On text that repeats itself, grafted prompt-lookup nodes are verified and accepted beyond what the
+    head's own tree held, the output stays the target's greedy text, and the head's own tree is unchanged."""
+    model, _, h3, _, _ = trained[name]
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 3
+    ref = hf_greedy(model, prompt, 60)
+    inner = FeatureDrafter(h3, "eagle3", depth=2, topk=2, total_tokens=3)
+    graft = LookupGraft(inner, max_extra=12)
+    beyond = []
+    orig = graft.observe
+    graft.observe = lambda tree, path, bonus, out: beyond.append(len(path) - 1 - inner._tree.matched(
+        [tree.tokens[i] for i in path[1:]])) or orig(tree, path, bonus, out)
+    res = SpeculativeGenerator(TargetModel(model), graft, EOS).generate(prompt, 60)
+    assert res.new_ids == ref
+    assert sum(graft.grafted) > 0 and sum(beyond) > 0, (graft.grafted, beyond)
+    plain = SpeculativeGenerator(TargetModel(model), FeatureDrafter(h3, "eagle3", depth=2, topk=2, total_tokens=3), EOS)
+    assert res.tau > plain.generate(prompt, 60).tau
 
 
 def test_dynamic_tree_respects_budget_and_shape(trained):
@@ -224,24 +248,33 @@ def test_auto_budget_calibrates_per_depth():
     assert b.calibration(1) > 0.9
 
 
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "eagle3-lookup"])
 def test_eagle_sampling_is_lossless(kind):
-    """Dynamic EAGLE trees under temperature + top-p keep the target's exact joint distribution."""
+    """Dynamic EAGLE trees (and prompt-lookup grafts on them) under temperature + top-p keep the target's
+    exact joint distribution."""
     from test_sampling_lossless import N_SEEDS, MIN_P
 
     target = build_model(llama_config(vocab=10, hidden=16, layers=1, initializer_range=0.5), seed=10)
     torch.manual_seed(4)
-    cfg_h = HeadConfig.from_target(target.config, draft_vocab_size=8 if kind == "eagle3" else 0)
-    head = Eagle3Head(cfg_h) if kind == "eagle3" else Eagle1Head(cfg_h)
-    if kind == "eagle3":
+    three = kind.startswith("eagle3")
+    cfg_h = HeadConfig.from_target(target.config, draft_vocab_size=8 if three else 0)
+    head = Eagle3Head(cfg_h) if three else Eagle1Head(cfg_h)
+    if three:
         head.set_vocab(torch.arange(2, 10))
     head.bind(target).eval()
     cfg = SamplingConfig(temperature=0.9, top_p=0.9)
     exact = exact_joint(target, PROMPT, cfg, 4)
     drafter = FeatureDrafter(head, kind, depth=2, topk=3, total_tokens=5)
+    if kind.endswith("lookup"):
+        drafter = LookupGraft(drafter, max_extra=4, min_ngram=1)  # 7 tokens in all: unigram matches, often
+        grafted = []
+        orig = drafter.start
+        drafter.start = lambda *a: (grafted.extend(drafter.grafted), orig(*a))
     counts, accepted = run_seeds(target, drafter, cfg, 4, range(N_SEEDS // 2))  # 5000 runs: ~25 s each kind
     pvalue, outside = chi2(counts, exact)
     assert outside == 0
     assert pvalue > MIN_P, pvalue
     hist = Counter(accepted)
     assert hist[0] > 300 and hist[1] > 300, hist  # rejections and acceptances both exercised
+    if kind.endswith("lookup"):
+        assert sum(n > 0 for n in grafted) > 300, Counter(grafted)  # grafts were verified often

@@ -106,6 +106,8 @@ def test_regenerate_answers_with_the_target_and_caches(tiny_target_dir, tmp_path
     monkeypatch.setattr(lm.model, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
     again = load_regenerated(lm, 3, 256, seed=0, max_new_tokens=12)
     assert [e.ids for e in again] == [e.ids for e in examples]
+    later = load_regenerated(lm, 2, 256, seed=0, max_new_tokens=12, skip=1)  # --skip-conversations 1: cached rows 2-3
+    assert [e.source for e in later] == [e.source for e in examples[1:]]
 
 
 def test_shipped_regenerated_answers_count_as_cached(tmp_path, monkeypatch):

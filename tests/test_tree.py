@@ -147,6 +147,31 @@ def test_from_paths_is_a_trie(paths, max_nodes):
         assert got == {tuple(path[:k]) for path in paths for k in range(len(path) + 1)} | {()}
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=4), max_size=5), st.integers(1, 12),
+       st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=6), max_size=5), st.integers(0, 12))
+def test_grafted_keeps_the_tree_and_adds_paths(first, n, paths, extra):
+    """Grafting leaves every original node where it was (index, token, parent, q) and adds each path's
+    missing nodes after them, reusing matching nodes, up to the node cap."""
+    tree = DraftTree.from_paths(7, first, n)
+    out = tree.grafted(paths, len(tree) + extra)
+    check_valid(out)
+    assert len(tree) <= len(out) <= len(tree) + extra
+    assert out.tokens[: len(tree)] == tree.tokens and out.parents[: len(tree)] == tree.parents
+    assert out.q[: len(tree)] == tree.q and all(q is None for q in out.q[len(tree):])
+    assert root_paths(tree) <= root_paths(out)
+    for p in root_paths(out) - root_paths(tree):  # new paths are prefixes of grafted ones
+        assert any(tuple(path[: len(p)]) == p for path in paths)
+    if extra >= sum(len(p) for p in paths):
+        for path in paths:
+            assert out.matched(path) == len(path)
+
+
+def test_matched_counts_a_path_prefix():
+    t = DraftTree.from_paths(0, [[1, 2, 3], [1, 4]], max_nodes=10)
+    assert t.matched([1, 2, 3]) == 3 and t.matched([1, 4, 9]) == 2 and t.matched([2]) == 0 and t.matched([]) == 0
+
+
 # ---------------------------------------------------------------- truncated
 
 

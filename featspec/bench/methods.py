@@ -15,10 +15,15 @@ from featspec.models.target import TargetModel
 from featspec.sampling import SamplingConfig
 
 HF_METHODS = ("hf", "hf-pld")
-# eagle2-auto / eagle3-auto: the same drafter with --budget auto, so one run can time fixed and auto
-# budgets side by side (interleaved) instead of comparing two runs
-AUTO_METHODS = {"eagle2-auto": "eagle2", "eagle3-auto": "eagle3"}
-METHODS = HF_METHODS + DRAFT_METHODS + tuple(AUTO_METHODS)
+# Variants of a drafter, so one run times them side by side (interleaved) instead of comparing two runs:
+# eagle2-auto / eagle3-auto use --budget auto, eagle3-lookup grafts prompt lookup onto the tree (--lookup)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "eagle2-auto": ("eagle2", {"budget": "auto"}),
+    "eagle3-auto": ("eagle3", {"budget": "auto"}),
+    "eagle3-lookup": ("eagle3", {"lookup": True}),
+    "eagle3-auto-lookup": ("eagle3", {"budget": "auto", "lookup": True}),
+}
+METHODS = HF_METHODS + DRAFT_METHODS + tuple(VARIANTS)
 PLD_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
 
 
@@ -81,8 +86,9 @@ class EngineMethod:
 
     def __init__(self, name: str, lm: LoadedModel, sampling: SamplingConfig, opts: DraftOptions):
         self.name, self.sampling = name, sampling
-        if name in AUTO_METHODS:
-            name, opts = AUTO_METHODS[name], replace(opts, budget="auto")
+        if name in VARIANTS:
+            name, changes = VARIANTS[name]
+            opts = replace(opts, **changes)
         drafter = build_drafter(name, lm, opts)
         self.generator = SpeculativeGenerator(TargetModel(lm.model), drafter, eos_token_ids(lm.model, lm.tokenizer), lm.tokenizer)
 

@@ -30,6 +30,7 @@ class DraftOptions:
     topk: int = 4  # children per expanded node and nodes expanded per level
     total_tokens: int | None = None  # draft nodes kept per step (default 8; a ceiling of 32 with budget auto)
     budget: str = "fixed"  # fixed | auto (per-step depth and budget from confidence and measured costs)
+    lookup: bool = False  # graft prompt-lookup continuations onto the drafter's tree (drafters/lookup.py)
 
     def tree_shape(self) -> tuple[int, int]:
         """(depth, total_tokens) after the budget-dependent defaults."""
@@ -85,8 +86,24 @@ def load_feature_head(method: str, target: LoadedModel, head_spec: str | None):
     return head.bind(target.model)
 
 
+def check_lookup(method: str, lookup: bool) -> None:
+    """--lookup needs a drafter whose tree it can graft onto (checked before any model loads)."""
+    if lookup and method in ("vanilla", "ngram"):
+        raise FeatspecError(f"--lookup grafts prompt lookup onto a drafter's tree and method {method} has none: "
+                            "drop --lookup or use an eagle/model method")
+
+
 def build_drafter(method: str, target: LoadedModel, opts: DraftOptions | None = None) -> Drafter:
     opts = opts or DraftOptions()
+    check_lookup(method, opts.lookup)
+    if opts.lookup:
+        from featspec.drafters.lookup import LookupGraft
+
+        return LookupGraft(_build(method, target, opts))
+    return _build(method, target, opts)
+
+
+def _build(method: str, target: LoadedModel, opts: DraftOptions) -> Drafter:
     if method == "vanilla":
         return NoDraft()
     if method == "ngram":

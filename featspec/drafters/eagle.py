@@ -81,6 +81,7 @@ class FeatureDrafter:
         self._base_s = 0.0
         self._level_s: list[float] = []
         self._top1: list[float] = []
+        self._tree: DraftTree | None = None  # the last tree this drafter proposed (a wrapper may graft onto it)
 
     @property
     def device(self) -> torch.device:
@@ -100,8 +101,9 @@ class FeatureDrafter:
 
     @torch.inference_mode()
     def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        if self.budget is not None:
-            self.budget.update(len(path) - 1, self._base_s, self._level_s, self._top1, self._gap_s)
+        if self.budget is not None:  # count only what this drafter proposed: the budget calibrates its own tree
+            own = self._tree.matched([tree.tokens[i] for i in path[1:]]) if self._tree is not None else len(path) - 1
+            self.budget.update(own, self._base_s, self._level_s, self._top1, self._gap_s)
         feats = self._fuse(out.hidden, path)
         self.pending = feats if self.pending is None else torch.cat([self.pending, feats])
 
@@ -124,7 +126,7 @@ class FeatureDrafter:
         # verify + bookkeeping since the last draft: what the budget's cost curve must account for
         self._gap_s = t0 - self._end if self._end is not None else None
         self._level_s, self._top1 = [], []
-        tree = self._propose(ctx)
+        tree = self._tree = self._propose(ctx)
         self._end = time.perf_counter()
         return tree
 

@@ -110,18 +110,20 @@ def render_examples(tokenizer, convs: list[tuple[str, list[dict[str, str]]]], ma
 
 
 def load_sharegpt(tokenizer, max_conversations: int, max_length: int, seed: int = 0,
-                  heldout: bool = False, min_assistant_tokens: int = 8) -> list[Example]:
-    """A seeded sample of ShareGPT training conversations (or of the held-out slice), rendered."""
-    return render_examples(tokenizer, select_conversations(seed, heldout), max_conversations, max_length,
+                  heldout: bool = False, min_assistant_tokens: int = 8, skip: int = 0) -> list[Example]:
+    """A seeded sample of ShareGPT training conversations (or of the held-out slice), rendered; the first
+    `skip` of the seeded order are left out (e.g. the ones an --init-from head already trained on)."""
+    return render_examples(tokenizer, select_conversations(seed, heldout)[skip:], max_conversations, max_length,
                            min_assistant_tokens, desc="tokenize sharegpt" + (" heldout" if heldout else ""))
 
 
 def load_regenerated(lm, max_conversations: int, max_length: int, seed: int = 0, heldout: bool = False,
-                     max_new_tokens: int = 320) -> list[Example]:
-    """First user turns of ShareGPT answered by the target itself (cached on disk), rendered."""
+                     max_new_tokens: int = 320, skip: int = 0) -> list[Example]:
+    """First user turns of ShareGPT answered by the target itself (cached on disk), rendered; `skip` as in
+    load_sharegpt."""
     from featspec.train.regenerate import regenerate
 
-    convs = select_conversations(seed, heldout)[: max_conversations]
+    convs = select_conversations(seed, heldout)[skip : skip + max_conversations]
     answered = regenerate(lm, [(cid, msgs[0]["content"]) for cid, msgs in convs], max_new_tokens=max_new_tokens)
     return render_examples(lm.tokenizer, answered, max_conversations, max_length, desc="tokenize regenerated")
 

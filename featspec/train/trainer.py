@@ -35,6 +35,7 @@ class TrainConfig:
     target: str = "smollm2-135m"
     data: str = "sharegpt"
     max_conversations: int = 2000
+    skip_conversations: int = 0  # leave out the first N of the seeded order (data an --init-from head has seen)
     max_length: int = 1024
     out: str = "heads/out"
     epochs: int = 1
@@ -239,10 +240,10 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     target, tok = lm.model, lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     if cfg.regenerate:
-        examples = load_regenerated(lm, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
+        examples = load_regenerated(lm, cfg.max_conversations, cfg.max_length, seed=cfg.seed, skip=cfg.skip_conversations)
         heldout = load_regenerated(lm, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
     else:
-        examples = load_sharegpt(tok, cfg.max_conversations, cfg.max_length, seed=cfg.seed)
+        examples = load_sharegpt(tok, cfg.max_conversations, cfg.max_length, seed=cfg.seed, skip=cfg.skip_conversations)
         heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
     eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
