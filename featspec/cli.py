@@ -241,7 +241,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text[len(shown):])
     print()
     tau = f", tau {res.tau:.2f}" if res.tau is not None and args.method != "vanilla" else ""
-    line = (f"[{args.method}] {len(res.new_ids)} tokens in {res.total_s:.2f} s = {res.tokens_per_s:.1f} tok/s{tau}"
+    line = (f"[{drafter.name}] {len(res.new_ids)} tokens in {res.total_s:.2f} s = {res.tokens_per_s:.1f} tok/s{tau}"
             f" ({args.target}, {args.dtype}, stop: {res.stop_reason})")
     if hf is not None:
         rec = hf.run(ids, args.max_new_tokens, args.seed)
