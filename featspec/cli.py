@@ -255,9 +255,9 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from featspec.bench.datasets import load_dataset
     from featspec.bench.methods import parse_methods
-    from featspec.drafters import check_lookup
     from featspec.bench.report import markdown_table, write_json, write_plot
     from featspec.bench.runner import run_bench
+    from featspec.drafters import check_lookup
     from featspec.models import load_model
 
     sampling = _sampling(args)

@@ -156,7 +156,7 @@ def test_trained_heads_get_accepted(trained, name):
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_lookup_graft_adds_accepted_nodes(trained, name):
     """On text that repeats itself, grafted prompt-lookup nodes are verified and accepted beyond what the
-    head's own tree held, the output stays the target's greedy text, and the head's own tree is unchanged."""
+    head's own tree held, the output stays the target's greedy text, and tau beats the head alone."""
     model, _, h3, _, _ = trained[name]
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3
     ref = hf_greedy(model, prompt, 60)

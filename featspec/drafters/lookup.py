@@ -35,9 +35,9 @@ class LookupGraft:
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         tree = self.inner.propose(ctx)
-        depth = min(self.lookup.depth, ctx.max_depth)
-        paths = self.lookup.continuations(ctx.tokens, depth) if depth >= 1 and len(ctx.tokens) > 2 else []
-        out = tree.grafted(paths, len(tree) + self.max_extra) if paths else tree
+        # too short a context or no room left yields no continuations, and grafting nothing returns `tree`
+        paths = self.lookup.continuations(ctx.tokens, min(self.lookup.depth, ctx.max_depth))
+        out = tree.grafted(paths, len(tree) + self.max_extra)
         self.grafted.append(len(out) - len(tree))
         return out
 
