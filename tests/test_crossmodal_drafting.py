@@ -197,6 +197,12 @@ def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_p
     assert world["seed"] == 7 and world["max_objects"] == 1
     assert main(["xmodal", "bench", "--spin-prob", "1.5", *work]) == 2
     assert "--spin-prob" in capsys.readouterr().err
+    # adapters remember the target they were fit to: over another target they are refused, not silently used
+    assert (tmp_path / "adapters" / "target.sha256").read_text().strip() != "none"
+    (tmp_path / "adapters" / "target.sha256").write_text("0123456789abcdef\n")
+    assert main(["xmodal", "bench", "--methods", "target,xmodal-L1", *work]) == 2
+    assert "trained for another target" in capsys.readouterr().err
+    assert main(["xmodal", "train-adapter", "--level", "L1", "--clips", "2", "--steps", "1", *work]) == 2
 
 
 def test_hybrid_drafts_cross_modal_first_then_with_the_targets_head(world, tmp_path):

@@ -94,7 +94,9 @@ def test_prepare_init_continues_one_role_from_a_run(tiny_run, tmp_path, capsys):
     # a few steps from RUN's towers and projectors stay close to them; a fresh (random) start would not
     cos = torch.nn.functional.cosine_similarity
     for k in before:
-        if not k.endswith(("lora_a", "lora_b")) and before[k].dim() == 2:  # weight matrices start random
+        # weight matrices start random; the temporal mixers' output projections start at zero, so a few steps
+        # move them a lot relative to their size
+        if not k.endswith(("lora_a", "lora_b", "temporal.attn.out_proj.weight")) and before[k].dim() == 2:
             assert cos(after[k].float().flatten(), before[k].float().flatten(), dim=0) > 0.9, k
     assert any(not torch.equal(before[k], after[k]) for k in before)
     capsys.readouterr()

@@ -126,34 +126,27 @@ def test_reference_answers_parse_to_the_scene_truth():
     assert parse("I do not know", "colour") is None
 
 
-def test_motion_answers_quote_the_rendered_start_and_end_positions():
-    """Direction and speed answers reason aloud (start cell, end cell, then the value): the cells must be the
-    renderer's true centres in the first and last video frame, and the stated direction must follow from them."""
-    import re
-
-    from featspec.crossmodal.scenes import DIRECTIONS, object_centres
+def test_motion_answers_state_the_rendered_motion_of_the_named_object():
+    """Direction and speed answers name the value at once: it must be the named object's (parsed the way eval
+    parses answers), and the answer must quote no cells any more."""
+    from featspec.crossmodal.qa import parse, quoted_cells
 
     cfg = WorldConfig()
-    checked = 0
+    checked = {"direction": 0, "speed": 0}
     for i in range(60):
         scene = make_scene(cfg, "test", i)
-        truth = object_centres(cfg, scene, np.array([0.0, cfg.duration_s]))  # frame 1 and frame 8
         for qa in questions(scene, seed=i, every_object=True):
-            if qa.kind not in ("direction", "speed"):
+            if qa.kind not in checked:
                 continue
-            cells = [tuple(int(v) for v in m) for m in re.findall(r"x (\d), y (\d)", qa.answer)]
             named = [k for k, o in enumerate(scene.objects) if qa.question.lower().count(o.shape)
                      and (f"{o.colour} {o.shape}" in qa.question or sum(p.shape == o.shape for p in scene.objects) == 1)]
             assert len(named) == 1, qa.question
-            o, pos = scene.objects[named[0]], truth[:, named[0]]
-            expect = [(min(9, int(x * 10 / cfg.size)), min(9, int(y * 10 / cfg.size))) for x, y in pos]
-            assert cells == expect, qa.answer
-            if o.motion != "spin":
-                (x0, y0), (x1, y1) = cells
-                dx, dy = DIRECTIONS[o.motion]
-                assert (x1 - x0) * dx + (y1 - y0) * dy > 0 and (x1 - x0) * dy == 0 == (y1 - y0) * dx, qa.answer
-            checked += 1
-    assert checked > 80
+            o = scene.objects[named[0]]
+            want = ("none" if o.motion == "spin" else o.motion) if qa.kind == "direction" else o.speed
+            assert parse(qa.answer, qa.kind) == want, qa.answer
+            assert quoted_cells(qa.answer) == [] and qa.cells == (), qa.answer
+            checked[qa.kind] += 1
+    assert min(checked.values()) > 40, checked
 
 
 def test_quoted_cells_score_within_one_cell():
@@ -261,3 +254,14 @@ def test_probe_labels_cover_every_patch_an_object_covers_and_respect_occlusion()
     assert int(d["colour"][0, 0, 5]) == cfg.colours.index("blue") + 1
     events = dense_targets(cfg, [both], "events", 16)
     assert int(events["colour"].max()) == 0 and int(events["shape"].max()) > 0  # events carry no colour
+    # motion labels: in place (one past the directions), no speed for objects that do not travel
+    from featspec.crossmodal.scenes import DIRECTIONS
+
+    assert set(d["motion"][0][d["shape"][0] > 0].tolist()) == {len(DIRECTIONS) + 1}
+    assert int(d["speed"].max()) == 0 and int(d["motion"][0][d["shape"][0] == 0].max()) == 0
+    mover = SceneObject("cross", "green", "large", "up", "fast", 32.0, 40.0, 0.0, 0.0)
+    d = dense_targets(cfg, [Scene("train", 2, (mover,), (0.5,) * 9, (0.0, 1.0, 0.0), 0)], "video", 16)
+    on = d["shape"][0] > 0
+    assert on[0].any() and on[-1].any()
+    assert set(d["motion"][0][on].tolist()) == {list(DIRECTIONS).index("up") + 1}
+    assert set(d["speed"][0][on].tolist()) == {list(cfg.speeds).index("fast") + 1}

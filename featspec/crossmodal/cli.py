@@ -26,13 +26,13 @@ def add_parser(sub) -> None:
     p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half; 0 with --init keeps the init towers)")
     p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
     p.add_argument("--roles", choices=("both", "target", "drafter"), default="both", help="which models to train (default both)")
-    p.add_argument("--keep-weight", type=float, default=0.0, help="weight of the target's position-keeping probe loss "
-                   "during QA (default 0: off; 0.3 and 0.5 were tried, docs/crossmodal.md)")
+    p.add_argument("--keep-weight", type=float, default=0.5, help="weight of the target's probe loss on its video "
+                   "tokens during QA, keeping positions, motion and speed readable (default 0.5; 0 = off, docs/crossmodal.md)")
     p.add_argument("--grounding-turns", type=int, default=None, help="short \"where is X in frame k?\" turns per target "
                    "training row, besides its questions (default 0; 8 was tried, docs/crossmodal.md)")
     p.add_argument("--attend-weight", type=float, default=None, help="weight of the target's attention guidance "
-                   "during QA: at each quoted coordinate, attend to the named object's patches in the named frame (default 0; 0.3 "
-                   "was tried, docs/crossmodal.md)")
+                   "during QA: at each coordinate a grounding turn quotes (--grounding-turns), attend to the named object's patches "
+                   "in the named frame (default 0; 0.3 was tried, docs/crossmodal.md)")
     p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
     for name, helptext in (("eval", "answer accuracy per attribute, visual tokens and prefill latency of both models"),
                            ("show", "one clip's frames, event images, question and both answers as a PNG")):
@@ -128,6 +128,30 @@ def _pairs(args, target, drafter, world, split: str, n: int):
     pairs = align(target, drafter, build_split(world, split, n), n)
     save_pairs(pairs, path)
     return pairs
+
+
+def _target_stamp(args) -> str:
+    """Which target adapters and heads were fit to: a hash of the target's shipped tensors."""
+    import hashlib
+
+    weights = _models(args) / "target" / "weights.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "none"
+
+
+def _stamp_adapters(args, adir: Path) -> None:
+    adir.mkdir(parents=True, exist_ok=True)
+    tmp = adir / "target.sha256.tmp"
+    tmp.write_text(_target_stamp(args) + "\n")
+    tmp.replace(adir / "target.sha256")
+
+
+def _check_adapters(args, adir: Path) -> None:
+    """Adapters and the target's head map into one target's feature space: refuse them over another target."""
+    stamp = adir / "target.sha256"
+    if stamp.exists() and stamp.read_text().strip() != _target_stamp(args):
+        raise FeatspecError(f"the adapters in {adir} were trained for another target (weights {stamp.read_text().strip()}, "
+                            f"these are {_target_stamp(args)}): retrain them with `featspec xmodal train-adapter` and "
+                            "`train-eagle3`, or pass --models with the minis they were made for")
 
 
 def _models(args) -> Path:
@@ -233,8 +257,10 @@ def run_drafting(args) -> int:
                                         ce_weight=args.ce_weight)
         stats = measure(adapter, _pairs(args, target, drafter, world, "val", args.val_clips), target.model.lm_head, drafter.model.lm_head)
         out = _work(args) / "adapters" / f"{args.level}.pt"
+        _check_adapters(args, out.parent)  # one directory holds adapters for one target
         save_adapter(adapter, out, {"clips": args.clips, "steps": args.steps, "ce_weight": args.ce_weight,
                                     "final_loss": sum(losses[-20:]) / len(losses[-20:]), "val": stats})
+        _stamp_adapters(args, out.parent)
         print(f"{args.level}: val top-1 {stats['top1']:.3f}, cosine {stats['cosine']:.3f}, {stats['params']} params; wrote {out}")
         return 0
     if args.xmodal_command == "train-eagle3":
@@ -244,11 +270,14 @@ def run_drafting(args) -> int:
         if args.clips < 8 or args.steps < 1:
             raise FeatspecError("--clips must be >= 8 and --steps >= 1")
         head_dir = _work(args) / "adapters" / "eagle3"
+        _check_adapters(args, head_dir.parent)
         rec = train_target_head(target, build_split(world, "train", args.clips), _work(args) / "target-eagle3", head_dir,
                                 steps=args.steps)
+        _stamp_adapters(args, head_dir.parent)
         print(f"eagle3 head: {rec}; wrote {head_dir}")
         return 0
     adir = _adapter_dir(args)
+    _check_adapters(args, adir)
     adapters = {lv: load_adapter(adir / f"{lv}.pt", embed) for lv in LEVELS if (adir / f"{lv}.pt").exists()}
     if args.xmodal_command == "adapters":
         pairs = _pairs(args, target, drafter, world, args.split, args.limit)

@@ -3,7 +3,8 @@
 For each clip with a translating object, the first such object's x position in frame 1 (and frame 8) is
 regressed linearly from: the tower's output at the patch holding the object's centre, the projected token
 there (the language model's input), the language model's states at that token, and its states at the
-answer position that writes the first quoted cell ("... is at x"). The score is the correlation of
+answer position that writes the first x digit of a grounding answer ("In Frame 1 the cross is at x 2, y 7";
+direction answers no longer quote cells). The score is the correlation of
 prediction and truth on held-out clips. Used for docs/crossmodal.md; run it as
 `python -m featspec.crossmodal.position_probe --models DIR [--clips 400]`.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featspec.crossmodal.qa import _direction
+from featspec.crossmodal.qa import _in_frame, _ref
 from featspec.crossmodal.scenes import WorldConfig, object_centres, render_timeline, video_frame_indices
 from featspec.crossmodal.train import coordinate_slots, tower_tokens
 from featspec.crossmodal.vlm import VLM, language_of, load_mini, to_pixels
@@ -40,8 +41,9 @@ def collect(vlm: VLM, world: WorldConfig, n_clips: int, layers: tuple[int, ...])
         if not movers:
             continue
         k = movers[0]
-        qa = _direction(sc, sc.objects[k], np.random.default_rng(i))
-        prompt, answer = vlm.prompt_ids(qa.question), vlm._text_ids(qa.answer)
+        ref = _ref(sc, sc.objects[k])
+        prompt = vlm.prompt_ids(f"Where is {ref} in frame 1?")
+        answer = vlm._text_ids(_in_frame(sc.objects[k], 1, ref) + ".")
         ids = torch.tensor([prompt + answer])
         pixels = to_pixels(data.frames[i], vcfg.image_size)[None].to(dtype)
         tower = tower_tokens(vlm, pixels)[0]  # (8, tokens per frame, vision hidden)

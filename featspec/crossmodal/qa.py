@@ -83,19 +83,19 @@ def _in_frame(o: SceneObject, frame: int, ref: str) -> str:
 
 
 def _direction(scene: Scene, o: SceneObject, rng: np.random.Generator) -> QA:
-    """The answer states where the object is in the first and in the last frame before it names the direction:
-    two lookups in one labelled frame each, then a comparison of generated text, instead of a cross-frame
-    comparison in one step (docs/crossmodal.md has what each answer format taught the mini target)."""
+    """The answer names the direction at once: the target's video tokens carry each object's motion (its tower
+    attends across frames, `temporal.py`), so this is one lookup, like a colour. Answers that first quoted the
+    object's cells in Frame 1 and Frame 8 did not teach a per-frame target to read positions
+    (docs/crossmodal.md)."""
+    ref = _ref(scene, o)
     q = _pick(rng, ("Which way is {r} moving?", "In which direction does {r} move?", "Where is {r} going?",
-                    "Describe the motion of {r}.")).format(r=_ref(scene, o))
-    start = _in_frame(o, 1, _ref(scene, o))
+                    "Describe the motion of {r}.")).format(r=ref)
     if o.motion == "spin":
-        a = f"{start}, and in Frame 8 it is still at {_at(o, 8)}, so it does not move; it {'stays' if o.spin == 0 else 'spins'} in place."
+        a = f"{ref.capitalize()} does not move; it {'stays' if o.spin == 0 else 'spins'} in place during the clip."
     else:
-        a = (f"{start}, and in Frame 8 it is at {_at(o, 8)}, so it is moving "
-             f"{_pick(rng, DIR_PHRASES[o.motion])}{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}.")
-    j = scene.objects.index(o)
-    return QA("direction", q, a, ((1, j), (8, j)))
+        a = (f"{ref.capitalize()} is moving {_pick(rng, DIR_PHRASES[o.motion])}"
+             f"{_pick(rng, (' across the frame', ' through the scene', ' during the clip'))}.")
+    return QA("direction", q, a)
 
 
 def grounding(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
@@ -160,9 +160,8 @@ def questions(scene: Scene, seed: int = 0, every_object: bool = False) -> list[Q
         q = _pick(rng, ("Is {r} moving fast or slowly?", "How fast does {r} move?", "Does {r} move quickly or slowly?")
                   ).format(r=_ref(scene, o))
         extent = "a long way" if o.speed == "fast" else "only a short distance"
-        a = (f"{_in_frame(o, 1, _ref(scene, o))}, and in Frame 8 at {_at(o, 8)}, {extent}, "
-             f"so it moves {_pick(rng, SPEED_WORDS[o.speed])}.")
-        out.append(QA("speed", q, a, ((1, objs.index(o)), (8, objs.index(o)))))
+        a = f"{_ref(scene, o).capitalize()} moves {_pick(rng, SPEED_WORDS[o.speed])}, {extent} during the clip."
+        out.append(QA("speed", q, a))
     q = _pick(rng, ("Describe the scene.", "What happens in this video?", "Describe what you see in the video."))
     out.append(QA("describe", q, _describe(scene, rng)))
     return out

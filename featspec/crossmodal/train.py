@@ -20,7 +20,7 @@ from torch import nn
 
 from featspec.crossmodal.guide import AttentionGuide, look_targets
 from featspec.crossmodal.qa import GRID, grounding, questions
-from featspec.crossmodal.scenes import Scene, WorldConfig
+from featspec.crossmodal.scenes import DIRECTIONS, Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
 from featspec.formats import atomic_dir_write
@@ -39,9 +39,9 @@ class PrepareConfig:
     qa_steps: dict = field(default_factory=lambda: {"video": 350, "events": 420})  # what the shipped minis got
     qa_batch: int = 4  # clips per step; each packs up to 7 of its questions (`qa_rows`)
     lr: float = 1e-3
-    # weight of `PositionKeeper` in the target's QA stage (0 = off, how the shipped minis were trained): it keeps
-    # positions readable in the video tokens, but has not yet made the target answer directions (docs/crossmodal.md)
-    keep_weight: float = 0.0
+    # weight of `PositionKeeper` in the target's QA stage (the shipped minis had 0): it keeps positions, motion and
+    # speed readable in the video tokens; 0.5 is what the temporal-tower run used (docs/crossmodal.md)
+    keep_weight: float = 0.5
     # short "where is X in frame k?" turns per target row, besides its questions (`qa.grounding`)
     grounding_turns: int = 0
     # weight of `AttentionGuide` (the target's attention at quoted coordinates, on the named object's patches)
@@ -66,8 +66,9 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
                   ) -> dict[str, torch.Tensor]:
     """Per image and patch: colour and shape of the object covering most of the patch (0 = none below
     `min_cover`), which object that is (`owner`, index + 1; `AttentionGuide`'s targets), that object's centre
-    relative to the patch and in the image (so tokens state where an object is, which direction answers
-    compare across frames), and per image the object count.
+    relative to the patch and in the image, its motion (1-4 a direction of `scenes.DIRECTIONS`, 5 in place) and
+    speed (1 slow, 2 fast; 0 in place), and per image the object count. A per-frame tower cannot tell motion
+    from one image (event images partly can); the target's temporal attention (`temporal.py`) can.
 
     Every patch an object covers is labelled, not only the one holding its centre: the centre patch of a
     large object is uniformly filled, and the shape shows only at the edges, in the neighbours (with
@@ -86,6 +87,8 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
     shape = np.zeros((n, f, g * g), dtype=np.int64)
     offset = np.zeros((n, f, g * g, 4), dtype=np.float32)
     owner = np.zeros((n, f, g * g), dtype=np.int64)
+    motion = np.zeros((n, f, g * g), dtype=np.int64)
+    speed = np.zeros((n, f, g * g), dtype=np.int64)
     count = np.zeros(n, dtype=np.int64)
     cells = np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="xy"), -1).reshape(-1, 2)  # (x, y) per cell
     for i, sc in enumerate(scenes):
@@ -103,20 +106,25 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
             rows, cols = np.nonzero(hit)
             shape[i, rows, cols] = world.shapes.index(o.shape) + 1
             owner[i, rows, cols] = k + 1
+            motion[i, rows, cols] = len(DIRECTIONS) + 1 if o.motion == "spin" else list(DIRECTIONS).index(o.motion) + 1
+            speed[i, rows, cols] = 0 if o.motion == "spin" else list(world.speeds).index(o.speed) + 1
             colour[i, rows, cols] = world.colours.index(o.colour) + 1 if kind == "video" else 0
             c = centres[rows, k]
             offset[i, rows, cols] = np.concatenate([c / patch - cells[cols], c / world.size], axis=1)
     return {"colour": torch.from_numpy(colour), "shape": torch.from_numpy(shape), "offset": torch.from_numpy(offset),
-            "count": torch.from_numpy(count), "owner": torch.from_numpy(owner)}
+            "count": torch.from_numpy(count), "owner": torch.from_numpy(owner), "motion": torch.from_numpy(motion),
+            "speed": torch.from_numpy(speed)}
 
 
 class DenseProbe(nn.Module):
-    """Reads patch tokens into (colour, shape, offset) and the CLS token into a count; discarded after stage 1."""
+    """Reads patch tokens into (colour, shape, offset) and the CLS token into a count, and with `motion` the
+    patch's object's motion and speed; discarded after stage 1."""
 
-    def __init__(self, dim: int, world: WorldConfig, cells: bool = False) -> None:
+    def __init__(self, dim: int, world: WorldConfig, cells: bool = False, motion: bool = False) -> None:
         super().__init__()
         self.sizes = (len(world.colours) + 1, len(world.shapes) + 1, 4)
         self.patch = nn.Linear(dim, sum(self.sizes))
+        self.motion = nn.Linear(dim, len(DIRECTIONS) + 1 + len(world.speeds)) if motion else None
         self.cls = nn.Linear(dim, world.max_objects)
         # the object's grid cell (x and y classes of the grid answers quote), as classes: a language model turns
         # class-like features into words (colours, shapes) but not a regressed coordinate into a digit
@@ -148,6 +156,12 @@ class DenseProbe(nn.Module):
                 cell = (t["offset"][idx][present][:, 2:] * GRID).long().clamp(0, GRID - 1)  # centre in the image -> cell
                 logits = self.cells(tokens[:, :, 1:][present]).unflatten(-1, (2, GRID))
                 loss = loss + ce(logits.flatten(0, 1), cell.flatten())
+            if self.motion is not None:
+                out_m = self.motion(tokens[:, :, 1:][present])
+                m, v = t["motion"][idx][present], t["speed"][idx][present]
+                loss = loss + ce(out_m[:, : len(DIRECTIONS) + 1], m - 1)
+                if (v > 0).any():
+                    loss = loss + ce(out_m[v > 0, len(DIRECTIONS) + 1:], v[v > 0] - 1)
         count = self.cls(tokens[:, :, 0])
         return loss + ce(count.flatten(0, 1), t["count"][idx].repeat_interleave(tokens.shape[1]))
 
@@ -171,12 +185,14 @@ class PositionKeeper(nn.Module):
     answer. Measured on the minis shipped before this (ridge probe, an object's x in frame 1, 363 clips):
     correlation 0.89 from the tower's output, 0.41 after the QA-trained projector and 0.19-0.25 inside the
     language model, so direction answers had nothing to read. With the keeper positions stay in the tokens,
-    yet directions did not improve (docs/crossmodal.md), so it is off by default. Discarded after training."""
+    yet directions did not improve (docs/crossmodal.md). Its heads also read each object patch's motion and
+    speed, which the temporal tower states, so those stay in the tokens the answers read. Discarded after
+    training."""
 
     def __init__(self, dim: int, world: WorldConfig, n_layers: int) -> None:
         super().__init__()
         self.layers = sorted({max(1, n_layers // 4), max(1, n_layers // 2)})
-        self.heads = nn.ModuleDict({str(k): DenseProbe(dim, world, cells=True) for k in [0, *self.layers]})
+        self.heads = nn.ModuleDict({str(k): DenseProbe(dim, world, cells=True, motion=True) for k in [0, *self.layers]})
 
     def loss(self, states: dict[int, torch.Tensor], t: dict[str, torch.Tensor], idx: list[int]) -> torch.Tensor:
         """states: tap -> (B, 8, tokens per frame, dim); tap 0 is the projector output."""
@@ -331,7 +347,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
     ckpt = Path(cfg.out) / f"checkpoint-{role}"
     vcfg = vlm.model.config.vision_config if vlm.kind == "video" else vlm.model.model.visual_tower.visual_tower.config
     dense = dense_targets(cfg.world, data.scenes, vlm.kind, vcfg.patch_size)
-    probe = DenseProbe(vcfg.hidden_size, cfg.world)
+    probe = DenseProbe(vcfg.hidden_size, cfg.world, motion=True)
     keeper = None
     if vlm.kind == "video" and cfg.keep_weight > 0:
         text = vlm.model.config.text_config
@@ -440,13 +456,14 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
                 getattr(vlm.model.model, name).float()
         add_lora(vlm, cfg.spec.lora_rank)
         if cfg.init is not None:
-            load_trained(vlm, Path(cfg.init) / role)
+            load_trained(vlm, Path(cfg.init) / role, new_ok=True)
         vlm.model.train()
         state = train_role(cfg, vlm, data, progress)
         meta = {"world": cfg.world.to_json(), "n_train": cfg.n_train, "probe_steps": cfg.probe_steps[vlm.kind],
                 "init": str(cfg.init) if cfg.init is not None else None,
                 "qa_steps": cfg.qa_steps[vlm.kind], "qa_batch": cfg.qa_batch,
                 "grounding_turns": cfg.grounding_turns if vlm.kind == "video" else 0,
+                "keep_weight": cfg.keep_weight if vlm.kind == "video" else 0.0,
                 "attend_weight": cfg.attend_weight if vlm.kind == "video" else 0.0, "train_seconds": round(state["seconds"], 1),
                 "final_qa_loss": float(np.mean(state["losses"]["qa"][-20:])) if state["losses"]["qa"] else None,
                 "visual_tokens": vlm.visual_tokens}

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 
 from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX, EventChatConfig, EventChatModel, n_event_tokens
 from featspec.crossmodal.lora import apply_lora, merge_lora
+from featspec.crossmodal.temporal import add_temporal_attention
 from featspec.errors import FeatspecError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MINI_TEMPLATE = "<|im_start|>user\n{visual}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+VIDEO_FRAMES = 8  # frames the target sees per clip, as Video-LLaVA samples
 TRAINED_PREFIXES = {"video": ("model.video_tower.", "model.multi_modal_projector."),
                     "events": ("model.visual_tower.", "model.visual_projector.", "model.feature_adaptor.")}
 
@@ -141,6 +143,9 @@ class MiniSpec:
     lora_rank: int = 8
     frame_labels: bool = True  # label each frame's tokens in the target prompt: which frame a token is from is
     # then content the language model can match on, which direction answers (first vs last frame) need
+    # the target tower attends across its 8 frames before each layer, as Video-LLaVA's LanguageBind tower does
+    # (`temporal.py`); minis saved before it existed load with False
+    temporal_attention: bool = True
     video_token_id: int = 16  # SmolLM2's unused <empty_output>, so no embedding resize is needed
     image_token_id: int = 15
     extra: dict = field(default_factory=dict)
@@ -175,6 +180,8 @@ def build_target(spec: MiniSpec, backbone=None) -> VLM:
                            vision_feature_select_strategy="default", projector_hidden_act="gelu")
     torch.manual_seed(0)  # the unused image tower gets a reproducible init, so it need not ship
     model = VideoLlavaForConditionalGeneration(cfg)
+    if spec.temporal_attention:
+        add_temporal_attention(model.model.video_tower, VIDEO_FRAMES)
     model.model.language_model.load_state_dict(_first_layers(bb.model.model.state_dict(), layers))
     with torch.no_grad():
         model.lm_head.weight.copy_(bb.model.lm_head.weight)
@@ -235,9 +242,10 @@ def _mini_meta(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def load_trained(vlm: VLM, path: Path) -> None:
+def load_trained(vlm: VLM, path: Path, new_ok: bool = False) -> None:
     """Copy a saved mini's trained tensors into `vlm` (built with LoRA, not merged): loading, or the start of
-    a run that continues from it (`xmodal prepare --init`)."""
+    a run that continues from it (`xmodal prepare --init`), where `new_ok` lets modules the saved mini lacks
+    (temporal mixers) keep their identity init."""
     from safetensors.torch import load_file
 
     meta = _mini_meta(path)
@@ -245,6 +253,8 @@ def load_trained(vlm: VLM, path: Path) -> None:
         raise FeatspecError(f"{path} holds a {meta['kind']} mini, not a {vlm.kind} one: point at the run's target/ or drafter/")
     state = load_file(str(path / "weights.safetensors"))
     expected = trained_state(vlm)
+    if new_ok:
+        expected = {k: v for k, v in expected.items() if k in state or ".temporal." not in k}
     if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
         odd = sorted(set(state) ^ set(expected) or [k for k, v in expected.items() if state[k].shape != v.shape])[0]
         raise FeatspecError(f"{path}/weights.safetensors does not match the mini layout ({odd}): re-run `featspec xmodal prepare`")
@@ -257,7 +267,7 @@ def load_trained(vlm: VLM, path: Path) -> None:
 def load_mini(path: Path, dtype: torch.dtype = torch.bfloat16, device=None, backbone=None) -> VLM:
     """Backbone + shipped tensors, LoRA merged: a plain VideoLlava / EventChat model in `dtype`."""
     meta = _mini_meta(Path(path))
-    spec = MiniSpec(**meta["spec"])
+    spec = MiniSpec(**{"temporal_attention": False, **meta["spec"]})
     vlm = (build_target if meta["kind"] == "video" else build_drafter)(spec, backbone)
     add_lora(vlm, spec.lora_rank)
     load_trained(vlm, Path(path))
