@@ -138,20 +138,24 @@ def _target_stamp(args) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "none"
 
 
-def _stamp_adapters(args, adir: Path) -> None:
+def _stamp_adapters(adir: Path, stamp: str) -> None:
     adir.mkdir(parents=True, exist_ok=True)
     tmp = adir / "target.sha256.tmp"
-    tmp.write_text(_target_stamp(args) + "\n")
+    tmp.write_text(stamp + "\n")
     tmp.replace(adir / "target.sha256")
 
 
-def _check_adapters(args, adir: Path) -> None:
-    """Adapters and the target's head map into one target's feature space: refuse them over another target."""
-    stamp = adir / "target.sha256"
-    if stamp.exists() and stamp.read_text().strip() != _target_stamp(args):
-        raise FeatspecError(f"the adapters in {adir} were trained for another target (weights {stamp.read_text().strip()}, "
-                            f"these are {_target_stamp(args)}): retrain them with `featspec xmodal train-adapter` and "
+def _check_adapters(args, adir: Path) -> str:
+    """Adapters and the target's head map into one target's feature space: refuse them over another target.
+    Returns the current target's stamp (hashing the weights once), for `_stamp_adapters`."""
+    current = _target_stamp(args)
+    path = adir / "target.sha256"
+    recorded = path.read_text().strip() if path.exists() else current
+    if recorded != current:
+        raise FeatspecError(f"the adapters in {adir} were trained for another target (weights {recorded}, "
+                            f"these are {current}): retrain them with `featspec xmodal train-adapter` and "
                             "`train-eagle3`, or pass --models with the minis they were made for")
+    return current
 
 
 def _models(args) -> Path:
@@ -257,10 +261,10 @@ def run_drafting(args) -> int:
                                         ce_weight=args.ce_weight)
         stats = measure(adapter, _pairs(args, target, drafter, world, "val", args.val_clips), target.model.lm_head, drafter.model.lm_head)
         out = _work(args) / "adapters" / f"{args.level}.pt"
-        _check_adapters(args, out.parent)  # one directory holds adapters for one target
+        stamp = _check_adapters(args, out.parent)  # one directory holds adapters for one target
         save_adapter(adapter, out, {"clips": args.clips, "steps": args.steps, "ce_weight": args.ce_weight,
                                     "final_loss": sum(losses[-20:]) / len(losses[-20:]), "val": stats})
-        _stamp_adapters(args, out.parent)
+        _stamp_adapters(out.parent, stamp)
         print(f"{args.level}: val top-1 {stats['top1']:.3f}, cosine {stats['cosine']:.3f}, {stats['params']} params; wrote {out}")
         return 0
     if args.xmodal_command == "train-eagle3":
@@ -270,10 +274,10 @@ def run_drafting(args) -> int:
         if args.clips < 8 or args.steps < 1:
             raise FeatspecError("--clips must be >= 8 and --steps >= 1")
         head_dir = _work(args) / "adapters" / "eagle3"
-        _check_adapters(args, head_dir.parent)
+        stamp = _check_adapters(args, head_dir.parent)
         rec = train_target_head(target, build_split(world, "train", args.clips), _work(args) / "target-eagle3", head_dir,
                                 steps=args.steps)
-        _stamp_adapters(args, head_dir.parent)
+        _stamp_adapters(head_dir.parent, stamp)
         print(f"eagle3 head: {rec}; wrote {head_dir}")
         return 0
     adir = _adapter_dir(args)

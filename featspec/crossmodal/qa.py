@@ -14,7 +14,7 @@ import numpy as np
 from featspec.crossmodal.scenes import COLOURS, SHAPES, Scene, SceneObject
 
 ATTRIBUTES = ("direction", "count", "shape", "colour", "speed")
-GRID = 10  # direction answers quote start and end cells on a GRID x GRID grid
+GRID = 10  # grounding answers ("where is X in frame k?") quote cells on a GRID x GRID grid
 KINDS = ATTRIBUTES + ("describe",)
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 DIR_PHRASES = {"left": ("to the left", "leftward", "left"), "right": ("to the right", "rightward", "right"),
