@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -183,7 +185,7 @@ def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_p
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     assert main(["xmodal", "bench", "--limit", "2", "--max-new-tokens", "6", "--methods",
                  "target,eagle3,xmodal-token,xmodal-L1,xmodal-pp,hybrid", "--json", str(out), "--png", str(png), *work]) == 0
-    res = __import__("json").loads(out.read_text())["methods"]
+    res = json.loads(out.read_text())["methods"]
     assert all(r["exact_match"] == 1.0 for r in res.values())
     phases = {name for name, _, _ in res["xmodal-pp"]["timeline_first_clip"]}
     assert {"drafter_prefill", "draft_ahead", "verification"} <= phases
@@ -193,16 +195,22 @@ def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_p
     # a fresh distribution: another seed, one object per clip; the report says which world it ran on
     assert main(["xmodal", "bench", "--limit", "1", "--max-new-tokens", "4", "--methods", "target,xmodal-L1", "--seed", "7",
                  "--max-objects", "1", "--json", str(out), *work]) == 0
-    world = __import__("json").loads(out.read_text())["world"]
+    world = json.loads(out.read_text())["world"]
     assert world["seed"] == 7 and world["max_objects"] == 1
     assert main(["xmodal", "bench", "--spin-prob", "1.5", *work]) == 2
     assert "--spin-prob" in capsys.readouterr().err
-    # adapters remember the target they were fit to: over another target they are refused, not silently used
-    assert (tmp_path / "adapters" / "target.sha256").read_text().strip() != "none"
-    (tmp_path / "adapters" / "target.sha256").write_text("0123456789abcdef\n")
+    # adapters remember the minis they were fit to: over another target or drafter they are refused, not silently used
+    stamp_file = tmp_path / "adapters" / "models.json"
+    stamps = json.loads(stamp_file.read_text())
+    assert set(stamps) == {"target", "drafter"} and "none" not in stamps.values()
+    stamp_file.write_text(json.dumps({**stamps, "drafter": "0123456789abcdef"}))
     assert main(["xmodal", "bench", "--methods", "target,xmodal-L1", *work]) == 2
-    assert "trained for another target" in capsys.readouterr().err
+    assert "trained for another drafter" in capsys.readouterr().err
     assert main(["xmodal", "train-adapter", "--level", "L1", "--clips", "2", "--steps", "1", *work]) == 2
+    assert main(["xmodal", "train-eagle3", "--clips", "8", "--steps", "1", *work]) == 0  # the head never reads the drafter
+    stamp_file.write_text(json.dumps({**stamps, "target": "0123456789abcdef"}))
+    assert main(["xmodal", "train-eagle3", "--clips", "8", "--steps", "1", *work]) == 2
+    assert "trained for another target" in capsys.readouterr().err
 
 
 def test_hybrid_drafts_cross_modal_first_then_with_the_targets_head(world, tmp_path):

@@ -149,15 +149,11 @@ def test_motion_answers_state_the_rendered_motion_of_the_named_object():
     assert min(checked.values()) > 40, checked
 
 
-def test_quoted_cells_score_within_one_cell():
-    from featspec.crossmodal.qa import cells_within_one, quoted_cells
+def test_quoted_cells_reads_coordinates_in_order():
+    from featspec.crossmodal.qa import quoted_cells
 
-    ref = "In Frame 1 the cross is at x 2, y 7, and in Frame 8 it is at x 8, y 7, so it is moving right."
-    assert quoted_cells(ref) == [(2, 7), (8, 7)]
-    assert cells_within_one(ref, ref) == (4, 4)
-    assert cells_within_one("the cross starts at x 3, y 5 and ends at x 8, y 9", ref) == (2, 4)
-    assert cells_within_one("it is moving right", ref) == (0, 4)
-    assert cells_within_one(ref, "There are two objects.") == (0, 0)
+    assert quoted_cells("In Frame 1 the cross is at x 2, y 7, and in Frame 8 it is at x 8, y 7.") == [(2, 7), (8, 7)]
+    assert quoted_cells("it is moving right") == []
 
 
 def test_grounding_answers_quote_the_rendered_cell_of_the_named_frame():
@@ -265,3 +261,22 @@ def test_probe_labels_cover_every_patch_an_object_covers_and_respect_occlusion()
     assert on[0].any() and on[-1].any()
     assert set(d["motion"][0][on].tolist()) == {list(DIRECTIONS).index("up") + 1}
     assert set(d["speed"][0][on].tolist()) == {list(cfg.speeds).index("fast") + 1}
+
+
+def test_pooled_labels_take_each_patch_from_the_middlemost_image_that_covers_it():
+    """EventGPT averages its patch tokens over the 5 images: the drafter's keeper labels each patch once, from
+    the image nearest the middle in which an object covers it (the one the average holds most of)."""
+    from featspec.crossmodal.train import pooled_over_time
+
+    shape = torch.tensor([[[1, 0, 0], [0, 2, 0], [0, 0, 0], [0, 3, 0], [0, 0, 4]]])  # (1 clip, 5 images, 3 patches)
+    t = {"shape": shape, "motion": shape * 10, "offset": shape[..., None].float().expand(-1, -1, -1, 4),
+         "count": torch.tensor([2])}
+    p = pooled_over_time(t)
+    # patch 0: only image 0; patch 1: images 1 and 3 tie for nearness to image 2, the earlier wins; patch 2:
+    # only image 4
+    assert p["shape"].tolist() == [[[1, 2, 4]]]
+    assert p["motion"].tolist() == [[[10, 20, 40]]]
+    assert p["offset"].shape == (1, 1, 3, 4) and p["offset"][0, 0, :, 0].tolist() == [1.0, 2.0, 4.0]
+    assert p["count"].tolist() == [2]
+    empty = pooled_over_time({"shape": torch.zeros(1, 5, 2, dtype=torch.long), "count": torch.tensor([0])})
+    assert empty["shape"].tolist() == [[[0, 0]]]

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half; 0 with --init keeps the init towers)")
     p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
     p.add_argument("--roles", choices=("both", "target", "drafter"), default="both", help="which models to train (default both)")
-    p.add_argument("--keep-weight", type=float, default=0.5, help="weight of the target's probe loss on its video "
+    p.add_argument("--keep-weight", type=float, default=0.5, help="weight of a probe loss on each model's visual "
                    "tokens during QA, keeping positions, motion and speed readable (default 0.5; 0 = off, docs/crossmodal.md)")
     p.add_argument("--grounding-turns", type=int, default=None, help="short \"where is X in frame k?\" turns per target "
                    "training row, besides its questions (default 0; 8 was tried, docs/crossmodal.md)")
@@ -109,16 +109,12 @@ def _adapter_dir(args) -> Path:
     return SHIPPED / "adapters" if (SHIPPED / "adapters").is_dir() and not args.work else _work(args) / "adapters"
 
 
-def _pairs(args, target, drafter, world, split: str, n: int):
-    """Aligned pairs for the first n clips of a split, computed once per (models, split, n) and cached."""
-    import hashlib
-
+def _pairs(args, stamps: dict[str, str], target, drafter, world, split: str, n: int):
+    """Aligned pairs for the first n clips of a split, computed once per (models, dtype, split, n) and cached."""
     from featspec.crossmodal.align import align, estimate_bytes, save_pairs
     from featspec.crossmodal.world import build_split
 
-    weights = _models(args) / "target" / "weights.safetensors"
-    stamp = f"{weights.resolve()}:{weights.stat().st_mtime_ns}" if weights.exists() else str(weights)
-    key = hashlib.sha256(f"{stamp}:{args.dtype}".encode()).hexdigest()[:10]  # new models or dtype, new pairs
+    key = f"{stamps['target'][:8]}{stamps['drafter'][:8]}-{args.dtype}"  # new weights or dtype, new pairs
     path = _work(args) / "pairs" / f"{split}-{n}-{key}.pt"
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -130,32 +126,45 @@ def _pairs(args, target, drafter, world, split: str, n: int):
     return pairs
 
 
-def _target_stamp(args) -> str:
-    """Which target adapters and heads were fit to: a hash of the target's shipped tensors."""
+STAMP = "models.json"  # in an adapter directory: which minis its adapters and head were fit to
+
+
+def _model_stamps(args) -> dict[str, str]:
+    """What adapters, heads and aligned pairs are made from: a content hash of each mini's weights."""
     import hashlib
 
-    weights = _models(args) / "target" / "weights.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "none"
+    stamps = {}
+    for role in ("target", "drafter"):
+        weights = _models(args) / role / "weights.safetensors"
+        stamps[role] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "none"
+    return stamps
 
 
-def _stamp_adapters(adir: Path, stamp: str) -> None:
+def _recorded_stamps(adir: Path) -> dict[str, str]:
+    if (adir / STAMP).exists():
+        return json.loads((adir / STAMP).read_text())
+    legacy = adir / "target.sha256"  # stamps written before the drafter was recorded too
+    return {"target": legacy.read_text().strip()} if legacy.exists() else {}
+
+
+def _check_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) -> None:
+    """Adapters map one drafter's features into one target's space, and the target's head drafts from that
+    target's features: refuse them over other minis (roles names whose weights matter here)."""
+    recorded = _recorded_stamps(adir)
+    for role in roles:
+        if recorded.get(role, stamps[role]) != stamps[role]:
+            raise FeatspecError(f"the adapters in {adir} were trained for another {role} (weights {recorded[role]}, "
+                                f"these are {stamps[role]}): retrain them into a fresh --work with `featspec xmodal "
+                                "train-adapter` and `train-eagle3`, or pass --models with the minis they were made for")
+
+
+def _stamp_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) -> None:
+    merged = {**_recorded_stamps(adir), **{r: stamps[r] for r in roles}}
     adir.mkdir(parents=True, exist_ok=True)
-    tmp = adir / "target.sha256.tmp"
-    tmp.write_text(stamp + "\n")
-    tmp.replace(adir / "target.sha256")
-
-
-def _check_adapters(args, adir: Path) -> str:
-    """Adapters and the target's head map into one target's feature space: refuse them over another target.
-    Returns the current target's stamp (hashing the weights once), for `_stamp_adapters`."""
-    current = _target_stamp(args)
-    path = adir / "target.sha256"
-    recorded = path.read_text().strip() if path.exists() else current
-    if recorded != current:
-        raise FeatspecError(f"the adapters in {adir} were trained for another target (weights {recorded}, "
-                            f"these are {current}): retrain them with `featspec xmodal train-adapter` and "
-                            "`train-eagle3`, or pass --models with the minis they were made for")
-    return current
+    tmp = adir / (STAMP + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    tmp.replace(adir / STAMP)
+    (adir / "target.sha256").unlink(missing_ok=True)
 
 
 def _models(args) -> Path:
@@ -252,19 +261,21 @@ def run_drafting(args) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     scene_changes = _scene_options(args) if args.xmodal_command == "bench" else {}
     target, drafter, world = load_pair(_models(args), dtype)
+    stamps = _model_stamps(args)
     embed = target.model.get_input_embeddings()
     if args.xmodal_command == "train-adapter":
         if args.clips < 2 or args.steps < 1 or args.val_clips < 1:
             raise FeatspecError("--clips must be >= 2, --steps and --val-clips >= 1")
-        pairs = _pairs(args, target, drafter, world, "train", args.clips)
+        out = _work(args) / "adapters" / f"{args.level}.pt"
+        _check_adapters(out.parent, stamps, ("target", "drafter"))  # one directory holds adapters for one pair
+        pairs = _pairs(args, stamps, target, drafter, world, "train", args.clips)
         adapter, losses = train_adapter(args.level, pairs, target.model.lm_head, embed, steps=args.steps,
                                         ce_weight=args.ce_weight)
-        stats = measure(adapter, _pairs(args, target, drafter, world, "val", args.val_clips), target.model.lm_head, drafter.model.lm_head)
-        out = _work(args) / "adapters" / f"{args.level}.pt"
-        stamp = _check_adapters(args, out.parent)  # one directory holds adapters for one target
+        stats = measure(adapter, _pairs(args, stamps, target, drafter, world, "val", args.val_clips),
+                        target.model.lm_head, drafter.model.lm_head)
         save_adapter(adapter, out, {"clips": args.clips, "steps": args.steps, "ce_weight": args.ce_weight,
                                     "final_loss": sum(losses[-20:]) / len(losses[-20:]), "val": stats})
-        _stamp_adapters(out.parent, stamp)
+        _stamp_adapters(out.parent, stamps, ("target", "drafter"))
         print(f"{args.level}: val top-1 {stats['top1']:.3f}, cosine {stats['cosine']:.3f}, {stats['params']} params; wrote {out}")
         return 0
     if args.xmodal_command == "train-eagle3":
@@ -274,17 +285,17 @@ def run_drafting(args) -> int:
         if args.clips < 8 or args.steps < 1:
             raise FeatspecError("--clips must be >= 8 and --steps >= 1")
         head_dir = _work(args) / "adapters" / "eagle3"
-        stamp = _check_adapters(args, head_dir.parent)
+        _check_adapters(head_dir.parent, stamps, ("target",))  # the head never sees the drafter
         rec = train_target_head(target, build_split(world, "train", args.clips), _work(args) / "target-eagle3", head_dir,
                                 steps=args.steps)
-        _stamp_adapters(head_dir.parent, stamp)
+        _stamp_adapters(head_dir.parent, stamps, ("target",))
         print(f"eagle3 head: {rec}; wrote {head_dir}")
         return 0
     adir = _adapter_dir(args)
-    _check_adapters(args, adir)
+    _check_adapters(adir, stamps, ("target", "drafter") if any(adir.glob("L*.pt")) else ("target",))
     adapters = {lv: load_adapter(adir / f"{lv}.pt", embed) for lv in LEVELS if (adir / f"{lv}.pt").exists()}
     if args.xmodal_command == "adapters":
-        pairs = _pairs(args, target, drafter, world, args.split, args.limit)
+        pairs = _pairs(args, stamps, target, drafter, world, args.split, args.limit)
         table = {"token": measure(None, pairs, target.model.lm_head, drafter.model.lm_head)}
         for lv, ad in adapters.items():
             table[lv] = measure(ad, pairs, target.model.lm_head, drafter.model.lm_head)

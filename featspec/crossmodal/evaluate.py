@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from featspec.crossmodal.qa import ATTRIBUTES, cells_within_one, parse, question_for
+from featspec.crossmodal.qa import ATTRIBUTES, parse, question_for
 from featspec.crossmodal.scenes import DIRECTIONS, WorldConfig
 from featspec.crossmodal.vlm import VLM, _backbone, MiniSpec, load_mini
 from featspec.crossmodal.world import build_split
@@ -59,7 +59,6 @@ def evaluate(models: Path, split: str = "test", limit: int = 200, dtype: torch.d
     data = build_split(world, split, limit, progress=progress)
     roles = {"target": (target, data.frames), "drafter": (drafter, data.event_images)}
     hits = {r: {a: [0, 0] for a in ATTRIBUTES} for r in roles}
-    cells = {r: [0, 0] for r in roles}  # quoted coordinates within one cell of the reference's
     timing: dict[str, list[float]] = {r: [] for r in roles}
     samples = []
     for i in tqdm(range(limit), desc=f"eval {split}", disable=not progress):
@@ -76,15 +75,11 @@ def evaluate(models: Path, split: str = "test", limit: int = 200, dtype: torch.d
                 ok = parse(answer, qa.kind) == parse(qa.answer, qa.kind)
                 hits[role][qa.kind][0] += int(ok)
                 hits[role][qa.kind][1] += 1
-                got, of = cells_within_one(answer, qa.answer)
-                cells[role][0] += got
-                cells[role][1] += of
         samples.append(row)
     result = {"split": split, "limit": limit, "dtype": str(dtype).replace("torch.", ""), "models": str(models)}
     for role in roles:
         result[role] = {"accuracy": {a: (h[0] / h[1] if h[1] else None) for a, h in hits[role].items()},
-                        "questions": {a: h[1] for a, h in hits[role].items()},
-                        "cells_within_one": cells[role][0] / cells[role][1] if cells[role][1] else None}
+                        "questions": {a: h[1] for a, h in hits[role].items()}}
     result["chance"] = chance(world)
     result["visual_tokens"] = {"target": target.visual_tokens, "drafter": drafter.visual_tokens}
     result["prefill_ms"] = {r: round(statistics.median(t), 2) if t else None for r, t in timing.items()}
@@ -99,10 +94,6 @@ def report_markdown(result: dict) -> str:
         t, d = result["target"]["accuracy"][a], result["drafter"]["accuracy"][a]
         fmt = lambda v: "-" if v is None else f"{100 * v:.0f} %"  # noqa: E731
         lines.append(f"| {a} | {result['target']['questions'][a]} | {fmt(t)} | {fmt(d)} | {fmt(result['chance'][a])} |")
-    c = [result[r].get("cells_within_one") for r in ("target", "drafter")]
-    if c[0] is not None:
-        lines += ["", f"quoted cells within one cell of the truth (direction and speed answers): target {100 * c[0]:.0f} %, "
-                  f"drafter {100 * (c[1] or 0):.0f} %"]
     v, p = result["visual_tokens"], result["prefill_ms"]
     lines += ["", f"visual tokens: target {v['target']}, drafter {v['drafter']} ({v['target'] / v['drafter']:.1f}x); "
               f"prefill (median): target {p['target']} ms, drafter {p['drafter']} ms"]

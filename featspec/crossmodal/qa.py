@@ -190,14 +190,6 @@ def quoted_cells(answer: str) -> list[tuple[int, int]]:
     return [(int(x), int(y)) for x, y in re.findall(r"\bx (\d), y (\d)\b", answer.lower())]
 
 
-def cells_within_one(answer: str, reference: str) -> tuple[int, int]:
-    """(coordinates of the reference's quoted cells that the answer matches within one cell, reference
-    coordinates): whether a model reads positions, apart from whether it names the right direction."""
-    truth, got = quoted_cells(reference), quoted_cells(answer)
-    hits = sum(abs(a - b) <= 1 for t, g in zip(truth, got) for a, b in zip(t, g))
-    return hits, 2 * len(truth)
-
-
 def parse(answer: str, attribute: str) -> str | None:
     """The first value of `attribute` an answer states, or None. Questions never name the value they ask for."""
     text = answer.lower()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX
 from featspec.crossmodal.guide import AttentionGuide, look_targets
 from featspec.crossmodal.qa import GRID, grounding, questions
 from featspec.crossmodal.scenes import DIRECTIONS, Scene, WorldConfig
@@ -39,8 +40,9 @@ class PrepareConfig:
     qa_steps: dict = field(default_factory=lambda: {"video": 350, "events": 420})  # what the shipped minis got
     qa_batch: int = 4  # clips per step; each packs up to 7 of its questions (`qa_rows`)
     lr: float = 1e-3
-    # weight of `PositionKeeper` in the target's QA stage (the shipped minis had 0): it keeps positions, motion and
-    # speed readable in the video tokens; 0.5 is what the temporal-tower run used (docs/crossmodal.md)
+    # weight of `PositionKeeper` in each model's QA stage (the first minis had 0): it keeps positions, motion and
+    # speed readable in the video tokens, or in the drafter's time-averaged event tokens; 0.5 is what the shipped
+    # minis used (docs/crossmodal.md)
     keep_weight: float = 0.5
     # short "where is X in frame k?" turns per target row, besides its questions (`qa.grounding`)
     grounding_turns: int = 0
@@ -116,6 +118,24 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
             "speed": torch.from_numpy(speed)}
 
 
+def pooled_over_time(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-image patch labels -> one label set per patch for tokens averaged over the images (EventGPT's spatial
+    tokens): each patch takes its labels from the image nearest the middle in which an object covers it."""
+    f = t["shape"].shape[1]
+    order = sorted(range(f), key=lambda k: (abs(k - (f - 1) / 2), k))  # middle out: most of the average
+    pick = torch.full(t["shape"][:, 0].shape, order[0], dtype=torch.long)
+    for k in reversed(order):
+        pick = torch.where(t["shape"][:, k] > 0, torch.full_like(pick, k), pick)
+    out = {}
+    for key, v in t.items():
+        if key == "count":
+            out[key] = v
+            continue
+        idx = pick.view(*pick.shape, *([1] * (v.dim() - 3)))[:, None].expand(-1, 1, *v.shape[2:])
+        out[key] = v.gather(1, idx)  # (N, 1, G*G, ...)
+    return out
+
+
 class DenseProbe(nn.Module):
     """Reads patch tokens into (colour, shape, offset) and the CLS token into a count, and with `motion` the
     patch's object's motion and speed; discarded after stage 1."""
@@ -189,14 +209,15 @@ class PositionKeeper(nn.Module):
     speed, which the temporal tower states, so those stay in the tokens the answers read. Discarded after
     training."""
 
-    def __init__(self, dim: int, world: WorldConfig, n_layers: int) -> None:
+    def __init__(self, dim: int, world: WorldConfig, n_layers: int, with_colour: bool = True) -> None:
         super().__init__()
+        self.with_colour = with_colour  # events carry no colour: the drafter's keeper is not asked for it
         self.layers = sorted({max(1, n_layers // 4), max(1, n_layers // 2)})
         self.heads = nn.ModuleDict({str(k): DenseProbe(dim, world, cells=True, motion=True) for k in [0, *self.layers]})
 
     def loss(self, states: dict[int, torch.Tensor], t: dict[str, torch.Tensor], idx: list[int]) -> torch.Tensor:
-        """states: tap -> (B, 8, tokens per frame, dim); tap 0 is the projector output."""
-        return sum(self.heads[str(k)].loss(v.float(), t, idx, with_colour=True) for k, v in states.items()) / len(states)
+        """states: tap -> (B, images, tokens per image, dim); tap 0 is the projector output."""
+        return sum(self.heads[str(k)].loss(v.float(), t, idx, self.with_colour) for k, v in states.items()) / len(states)
 
 
 # ---------- QA batches ----------
@@ -287,12 +308,17 @@ def qa_loss(vlm: VLM, batch: dict, keeper: PositionKeeper | None = None, dense: 
     out = lang(inputs_embeds=emb, attention_mask=mask, position_ids=pos, output_hidden_states=keeper is not None)
     hidden = out.last_hidden_state
     keep = attend = torch.zeros(())
-    if keeper is not None or guide is not None:
+    if vlm.kind == "video" and (keeper is not None or guide is not None):
         video = (ids_in[0] == vlm.model.config.video_token_id).nonzero()[:, 0]  # every row shares the prefix
-    if keeper is not None:
+    if keeper is not None and vlm.kind == "video":
         grid = (len(batch["pixels"]), 8, -1, emb.shape[-1])
         states = {0: feats.reshape(grid), **{k: out.hidden_states[k][:, video].reshape(grid) for k in keeper.layers}}
         keep = keeper.loss(states, dense, batch["idx"])
+    elif keeper is not None:  # EventGPT's tokens: per-image means, then CLS and patches averaged over the images
+        at = int((ids_in[0] == EVENT_TOKEN_INDEX).nonzero()[0])  # the placeholder became shift + 1 tokens
+        spatial = slice(at + batch["pixels"].shape[1], at + shift + 1)
+        states = {0: emb[:, spatial], **{k: out.hidden_states[k][:, spatial] for k in keeper.layers}}
+        keep = keeper.loss({k: v[:, None] for k, v in states.items()}, dense, batch["idx"])
     if guide is not None:
         rows, queries, targets = look_targets(batch["looks"], video, len(video) // 8, dense["owner"], emb.shape[1])
         if len(rows):
@@ -349,9 +375,10 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
     dense = dense_targets(cfg.world, data.scenes, vlm.kind, vcfg.patch_size)
     probe = DenseProbe(vcfg.hidden_size, cfg.world, motion=True)
     keeper = None
-    if vlm.kind == "video" and cfg.keep_weight > 0:
-        text = vlm.model.config.text_config
-        keeper = PositionKeeper(text.hidden_size, cfg.world, text.num_hidden_layers)
+    keep_targets = dense if vlm.kind == "video" else pooled_over_time(dense)
+    if cfg.keep_weight > 0:
+        text = vlm.model.config.text_config if vlm.kind == "video" else vlm.model.config
+        keeper = PositionKeeper(text.hidden_size, cfg.world, text.num_hidden_layers, with_colour=vlm.kind == "video")
     guide = AttentionGuide(vlm.model.model.language_model) if vlm.kind == "video" and cfg.attend_weight > 0 else None
     state = {"stage": "probe", "step": 0, "losses": {"probe": [], "qa": [], "keep": [], "attend": []}, "seconds": 0.0}
     saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False) if (ckpt / "state.pt").exists() else None
@@ -387,7 +414,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
                 logged = loss.item()
             else:
                 loss, keep, attend = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed, grounding_turns=cfg.grounding_turns),
-                                             keeper, dense, guide)
+                                             keeper, keep_targets, guide)
                 if keeper is not None:
                     state["losses"]["keep"].append(round(keep.item(), 5))
                 if guide is not None:
@@ -463,7 +490,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
                 "init": str(cfg.init) if cfg.init is not None else None,
                 "qa_steps": cfg.qa_steps[vlm.kind], "qa_batch": cfg.qa_batch,
                 "grounding_turns": cfg.grounding_turns if vlm.kind == "video" else 0,
-                "keep_weight": cfg.keep_weight if vlm.kind == "video" else 0.0,
+                "keep_weight": cfg.keep_weight,
                 "attend_weight": cfg.attend_weight if vlm.kind == "video" else 0.0, "train_seconds": round(state["seconds"], 1),
                 "final_qa_loss": float(np.mean(state["losses"]["qa"][-20:])) if state["losses"]["qa"] else None,
                 "visual_tokens": vlm.visual_tokens}
