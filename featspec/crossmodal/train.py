@@ -199,7 +199,8 @@ def tower_tokens(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
 
 
 class PositionKeeper(nn.Module):
-    """Probe heads on the target's projected video tokens and on its language model's states at those tokens.
+    """Probe heads on a model's projected visual tokens and on its language model's states at those tokens (the
+    target's video tokens; the drafter's time-averaged event patches, labelled by `pooled_over_time`).
 
     Trained with QA, so the tokens keep saying where each object is while the projector and LoRA learn to
     answer. Measured on the minis shipped before this (ridge probe, an object's x in frame 1, 363 clips):
