@@ -153,9 +153,10 @@ def _check_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) 
     recorded = _recorded_stamps(adir)
     for role in roles:
         if recorded.get(role, stamps[role]) != stamps[role]:
+            redo = "`train-adapter` (each level) and `train-eagle3`" if role == "target" else "`train-adapter` (each level)"
             raise FeatspecError(f"the adapters in {adir} were trained for another {role} (weights {recorded[role]}, "
-                                f"these are {stamps[role]}): retrain them into a fresh --work with `featspec xmodal "
-                                "train-adapter` and `train-eagle3`, or pass --models with the minis they were made for")
+                                f"these are {stamps[role]}): retrain with `featspec xmodal` {redo} into a fresh "
+                                "--work, or pass --models with the minis they were made for")
 
 
 def _stamp_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) -> None:
