@@ -219,7 +219,7 @@ def test_position_keeper_trains_the_projector_to_keep_positions(tiny_run, role):
         proj = vlm.model.model.visual_projector
         first = proj[0]
     keeper = PositionKeeper(text.hidden_size, world, text.num_hidden_layers, with_colour=role == "target")
-    assert keeper.layers == [1] if role == "target" else len(keeper.layers) >= 1
+    assert keeper.layers == [1]  # the tiny models have 1-2 layers: one tap inside, plus the projector output
     dense = dense_targets(world, data.scenes, "video" if role == "target" else "events", patch)
     if role == "drafter":
         dense = pooled_over_time(dense)

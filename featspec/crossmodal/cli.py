@@ -160,11 +160,9 @@ def _check_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) 
 
 
 def _stamp_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) -> None:
-    merged = {**_recorded_stamps(adir), **{r: stamps[r] for r in roles}}
-    adir.mkdir(parents=True, exist_ok=True)
-    tmp = adir / (STAMP + ".tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    tmp.replace(adir / STAMP)
+    from featspec.bench.report import write_json
+
+    write_json({**_recorded_stamps(adir), **{r: stamps[r] for r in roles}}, adir / STAMP)  # atomic
     (adir / "target.sha256").unlink(missing_ok=True)
 
 

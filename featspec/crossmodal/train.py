@@ -311,15 +311,15 @@ def qa_loss(vlm: VLM, batch: dict, keeper: PositionKeeper | None = None, dense: 
     keep = attend = torch.zeros(())
     if vlm.kind == "video" and (keeper is not None or guide is not None):
         video = (ids_in[0] == vlm.model.config.video_token_id).nonzero()[:, 0]  # every row shares the prefix
-    if keeper is not None and vlm.kind == "video":
-        grid = (len(batch["pixels"]), 8, -1, emb.shape[-1])
-        states = {0: feats.reshape(grid), **{k: out.hidden_states[k][:, video].reshape(grid) for k in keeper.layers}}
+    if keeper is not None:  # per tap (B, images, tokens per image, dim)
+        if vlm.kind == "video":
+            grid = (len(batch["pixels"]), 8, -1, emb.shape[-1])
+            states = {0: feats.reshape(grid), **{k: out.hidden_states[k][:, video].reshape(grid) for k in keeper.layers}}
+        else:  # EventGPT's tokens: per-image means, then CLS and patches averaged over the images (one "image")
+            at = int((ids_in[0] == EVENT_TOKEN_INDEX).nonzero()[0])  # the placeholder became shift + 1 tokens
+            spatial = slice(at + batch["pixels"].shape[1], at + shift + 1)
+            states = {0: emb[:, None, spatial], **{k: out.hidden_states[k][:, None, spatial] for k in keeper.layers}}
         keep = keeper.loss(states, dense, batch["idx"])
-    elif keeper is not None:  # EventGPT's tokens: per-image means, then CLS and patches averaged over the images
-        at = int((ids_in[0] == EVENT_TOKEN_INDEX).nonzero()[0])  # the placeholder became shift + 1 tokens
-        spatial = slice(at + batch["pixels"].shape[1], at + shift + 1)
-        states = {0: emb[:, spatial], **{k: out.hidden_states[k][:, spatial] for k in keeper.layers}}
-        keep = keeper.loss({k: v[:, None] for k, v in states.items()}, dense, batch["idx"])
     if guide is not None:
         rows, queries, targets = look_targets(batch["looks"], video, len(video) // 8, dense["owner"], emb.shape[1])
         if len(rows):
