@@ -20,16 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from featspec.bench.report import write_json
 from featspec.models.registry import cache_root
 from featspec.tree import DraftTree
 
@@ -101,11 +100,7 @@ def measure_cost_curve(target, context: int = 256, repeats: int = 5, sizes=SIZES
                 times.append(time.perf_counter() - t0)
         seconds.append(statistics.median(times))
     curve = CostCurve(list(sizes), seconds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"sizes": curve.sizes, "seconds": seconds, "context": context}, fh)  # raw medians
-    os.replace(tmp, path)
+    write_json({"sizes": curve.sizes, "seconds": seconds, "context": context}, path)  # raw medians
     return curve
 
 

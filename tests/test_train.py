@@ -199,3 +199,21 @@ def test_preconditioned_run_saves_a_head_that_reads_raw_features(tiny_target_dir
     pre, _ = eagle3_loss(trained, scaled(tb, scale), 2, lm.model.get_output_embeddings())
     assert float(raw) == pytest.approx(float(pre), rel=1e-4)
     assert not torch.allclose(saved.fc.weight, trained.fc.weight)
+
+
+def test_init_from_run_first_evaluates_the_head_it_starts_from(tiny_target_dir, tmp_path):
+    """A continued run logs the starting head's held-out evaluation at step 0: the finished head, reloaded
+    (fc folded and unfolded again), scores what it scored at the end of its own run, and unlike a fresh head."""
+    target_dir, _ = tiny_target_dir
+    first = train(config(target_dir, tmp_path / "first", lr=3e-2))  # a high lr: the head moves far from its start
+    end = json.loads((tmp_path / "first" / "train_log.json").read_text())["evals"][-1]
+    train(config(target_dir, tmp_path / "next", max_steps=1, init_from=str(first)))
+    evals = json.loads((tmp_path / "next" / "train_log.json").read_text())["evals"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 1
+    assert set(end) == {"step", "acc_0", "acc_1", "loss_0", "loss_1"}
+    for k in ("acc_0", "acc_1", "loss_0", "loss_1"):
+        assert evals[0][k] == pytest.approx(end[k], abs=1e-5)
+    # the tiny target is near-uniform, so losses differ little between heads; another head still differs by far more
+    train(config(target_dir, tmp_path / "fresh", max_steps=1, eval_every=1))
+    fresh = json.loads((tmp_path / "fresh" / "train_log.json").read_text())["evals"][0]
+    assert fresh["step"] == 1 and abs(fresh["loss_0"] - end["loss_0"]) > 1e-3

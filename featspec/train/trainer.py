@@ -146,7 +146,8 @@ class HeadLoss(torch.nn.Module):
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: int, device,
              scale: torch.Tensor | None = None) -> dict[str, float]:
-    """Held-out top-1 agreement with the target per draft step (a proxy of acceptance by depth)."""
+    """Held-out top-1 agreement with the target per draft step (a proxy of acceptance by depth), and the
+    held-out loss terms (`loss_*`), which still move where a small head's agreement does not."""
     head.eval()
     sums: dict[str, float] = {}
     for i in range(0, len(examples), cfg.batch_size):
@@ -158,12 +159,12 @@ def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: in
             sums[k] = sums.get(k, 0.0) + v
     n = math.ceil(len(examples) / cfg.batch_size)
     head.train()
-    return {k: v / n for k, v in sums.items() if k.startswith("acc")}
+    return {k: v / n for k, v in sums.items() if k.startswith(("acc", "loss"))}
 
 
 def model_card(cfg: TrainConfig, state: dict, command: str) -> str:
     ev = state.get("last_eval") or {}
-    accs = ", ".join(f"step {k.split('_')[1]}: {v:.3f}" for k, v in sorted(ev.items()))
+    accs = ", ".join(f"step {k.split('_')[1]}: {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("acc"))
     return f"""# featspec {cfg.method.upper()} head for {cfg.target}
 
 Trained with featspec's own trainer on this machine ({state.get('device')}, {state.get('threads')} threads).
@@ -284,6 +285,16 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     bar = tqdm(total=stop_at, initial=state["step"], desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
                disable=not accel.is_main_process)
     micro_per_epoch = per_epoch
+
+    def record_eval(note: str | None = "") -> None:
+        state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device, scale)
+        state["evals"].append({"step": state["step"], **state["last_eval"]})
+        if note is not None:
+            bar.write(f"step {state['step']}{note}: held-out agreement "
+                      + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
+
+    if cfg.init_from and found is None and cfg.eval_every:
+        record_eval(" (--init-from)")  # the starting head on the same held-out text: the log shows what the run added
     t_start = time.perf_counter() - state["wall_s"]
     running = None
     while state["step"] < stop_at:
@@ -317,17 +328,13 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
             bar.set_postfix(loss=f"{running:.3f}", acc0=f"{stats.get('acc_0', 0):.2f}",
                             tok_s=f"{state['tokens_seen'] / max(state['wall_s'], 1e-9):.0f}")
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device, scale)
-                state["evals"].append({"step": state["step"], **state["last_eval"]})
-                bar.write(f"step {state['step']}: held-out agreement "
-                          + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
+                record_eval()
             if accel.is_main_process and (state["step"] % cfg.save_every == 0 or state["step"] == stop_at):
                 _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state, scale)
     bar.close()
     if accel.is_main_process:
         if state["last_eval"] is None or state["evals"][-1]["step"] != state["step"]:
-            state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device, scale)
-            state["evals"].append({"step": state["step"], **state["last_eval"]})
+            record_eval(None)
         _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state, scale)
         card = model_card(cfg, state, command)
         trained_fc = raw_head.fc.weight.data if scale is not None else None
