@@ -286,11 +286,11 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
                disable=not accel.is_main_process)
     micro_per_epoch = per_epoch
 
-    def record_eval(note: str | None = "") -> None:
+    def record_eval(label: str = "", show: bool = True) -> None:
         state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device, scale)
         state["evals"].append({"step": state["step"], **state["last_eval"]})
-        if note is not None:
-            bar.write(f"step {state['step']}{note}: held-out agreement "
+        if show:
+            bar.write(f"step {state['step']}{label}: held-out agreement "
                       + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
 
     if cfg.init_from and found is None and cfg.eval_every:
@@ -334,7 +334,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     bar.close()
     if accel.is_main_process:
         if state["last_eval"] is None or state["evals"][-1]["step"] != state["step"]:
-            record_eval(None)
+            record_eval(show=False)
         _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state, scale)
         card = model_card(cfg, state, command)
         trained_fc = raw_head.fc.weight.data if scale is not None else None
