@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     t.add_argument("--ttt-steps", type=_positive_int, default=d.ttt_steps,
                    help=f"EAGLE-3 training-time-test steps (default {d.ttt_steps}; the paper uses 7)")
-    t.add_argument("--draft-vocab", type=_positive_int, default=d.draft_vocab, help=f"EAGLE-3 draft vocabulary (default {d.draft_vocab})")
+    t.add_argument("--draft-vocab", type=_positive_int, default=d.draft_vocab, help=f"EAGLE-3 draft vocabulary (default {d.draft_vocab}); with --init-from, a larger value widens "
+                        "the head's vocabulary (its trained rows kept, new tokens added by frequency)")
     t.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype, help="bfloat16 autocast (default) or float32")
     t.add_argument("--save-every", type=_positive_int, default=d.save_every, help="optimizer steps between checkpoints")
     t.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between held-out evaluations (0 = end only)")

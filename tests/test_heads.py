@@ -95,6 +95,36 @@ def test_draft_vocab_mapping_roundtrip(target):
         head.set_vocab(torch.zeros(30, dtype=torch.long))  # duplicates
 
 
+def test_widened_vocab_keeps_trained_rows_and_maps_new_ones():
+    """Widening a draft vocabulary keeps every other tensor and every shared row; when the trained rows are an
+    exact affine image of the target's output rows, a new token's row is that same image of its target row."""
+    target = build_model(llama_config(vocab=256, hidden=16), seed=0)
+    out_rows = target.get_output_embeddings().weight.detach()
+    small = make_eagle3(target, draft_vocab=100, seed=1)  # more shared rows than the fit has unknowns (16 + 1)
+    h = out_rows.shape[1]
+    torch.manual_seed(2)
+    m, b = torch.randn(h, h), torch.randn(h)
+    with torch.no_grad():
+        small.lm_head.weight.copy_(out_rows[small.draft_ids] @ m + b)
+    wide = Eagle3Head(HeadConfig.from_target(target.config, draft_vocab_size=120))
+    extra = [t for t in range(target.config.vocab_size) if not bool(small.t2d[t])][:20]
+    wide.set_vocab(torch.cat([small.draft_ids, torch.tensor(extra)]).sort().values)
+    state = wide.widened_state(small.state_dict(), out_rows, ridge=1e-6)
+    wide.load_state_dict(state)
+    assert torch.equal(wide.draft_ids, torch.cat([small.draft_ids, torch.tensor(extra)]).sort().values)
+    for k, v in small.state_dict().items():
+        if k not in ("lm_head.weight", "d2t", "t2d"):
+            assert torch.equal(wide.state_dict()[k], v)
+    at = {int(t): i for i, t in enumerate(wide.draft_ids)}
+    shared = torch.tensor([at[int(t)] for t in small.draft_ids])
+    assert torch.equal(wide.lm_head.weight[shared], small.lm_head.weight)
+    new = torch.tensor([at[t] for t in extra])
+    torch.testing.assert_close(wide.lm_head.weight[new], out_rows[torch.tensor(extra)] @ m + b, atol=1e-3, rtol=1e-3)
+    narrow = make_eagle3(target, draft_vocab=120, seed=5)  # a vocabulary that lacks some of small's ids
+    with pytest.raises(ValueError, match="every draft id"):
+        narrow.widened_state(small.state_dict(), out_rows)
+
+
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_training_time_test_equals_drafting(target, kind):
     """Step j of the TTT forward at index t == drafting j tokens past real features ending at t - j."""

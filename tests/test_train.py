@@ -217,3 +217,21 @@ def test_init_from_run_first_evaluates_the_head_it_starts_from(tiny_target_dir, 
     train(config(target_dir, tmp_path / "fresh", max_steps=1, eval_every=1))
     fresh = json.loads((tmp_path / "fresh" / "train_log.json").read_text())["evals"][0]
     assert fresh["step"] == 1 and abs(fresh["loss_0"] - end["loss_0"]) > 1e-3
+
+
+def test_init_from_a_smaller_draft_vocab_widens_it(tiny_target_dir, tmp_path):
+    """--init-from a head with a smaller --draft-vocab: the new vocabulary holds every old draft id, the old
+    head's weights carry over (lr 0 leaves the start as it is), and narrowing is refused in one line."""
+    target_dir, _ = tiny_target_dir
+    first = train(config(target_dir, tmp_path / "first", max_steps=2))
+    wide = train(config(target_dir, tmp_path / "wide", max_steps=1, lr=0.0, draft_vocab=1024, init_from=str(first)))
+    old, new = load_head(first), load_head(wide)
+    assert new.d2t.numel() == 1024 and bool(new.t2d[old.draft_ids].all())
+    for k, v in old.state_dict().items():
+        if k not in ("lm_head.weight", "d2t", "t2d"):
+            torch.testing.assert_close(new.state_dict()[k], v, atol=1e-2, rtol=1e-2)
+    at = {int(t): i for i, t in enumerate(new.draft_ids)}
+    rows = torch.tensor([at[int(t)] for t in old.draft_ids])
+    torch.testing.assert_close(new.lm_head.weight[rows], old.lm_head.weight)
+    with pytest.raises(FeatspecError, match="widened, not narrowed"):
+        train(config(target_dir, tmp_path / "narrow", max_steps=1, draft_vocab=256, init_from=str(first)))

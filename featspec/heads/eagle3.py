@@ -85,6 +85,29 @@ class Eagle3Head(DraftHead):
             ones = torch.ones(1, self.cfg.hidden_size, device=out_w.device, dtype=out_w.dtype)
             self.norm.weight.copy_(final_norm(ones)[0].to(self.norm.weight))
 
+    @torch.no_grad()
+    def widened_state(self, state: dict[str, torch.Tensor], out_rows: torch.Tensor, ridge: float = 1.0) -> dict[str, torch.Tensor]:
+        """`state` (an EAGLE-3 head over a smaller draft vocabulary) re-expressed over this head's vocabulary,
+        which must hold every draft id of `state`. Shared tokens keep their trained `lm_head` rows; a new
+        token's row is its target output row (`out_rows`, V x H) mapped into the trained head's output space
+        by an affine ridge fit over the shared tokens. Why the map: the trained rows drift from the target's
+        as a whole (a shared component especially), so raw target rows would outscore every trained one."""
+        old_w = state["lm_head.weight"].float()
+        old_ids = state["d2t"].long() + torch.arange(old_w.shape[0], device=state["d2t"].device)
+        new_ids = self.draft_ids.to(old_ids.device)
+        where = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long, device=old_ids.device)
+        where[new_ids] = torch.arange(new_ids.numel(), device=old_ids.device)
+        if bool((where[old_ids] < 0).any()):
+            raise ValueError("the new draft vocabulary must hold every draft id of the head it widens")
+        rows = out_rows.detach().float().to(old_w.device)
+        ones = torch.ones(rows.shape[0], 1, device=rows.device)
+        basis = torch.cat([rows, ones], 1)
+        x = basis[old_ids]
+        fit = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], device=x.device), x.T @ old_w)
+        w = basis[new_ids] @ fit
+        w[where[old_ids]] = old_w
+        return {**state, "lm_head.weight": w, "d2t": self.d2t.clone().to(old_w.device), "t2d": self.t2d.clone().to(old_w.device)}
+
     @property
     def draft_ids(self) -> torch.Tensor:
         """Target id of every draft id."""

@@ -60,6 +60,8 @@ class TrainConfig:
 
 
 def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: list[int]) -> DraftHead:
+    """A fresh head; `always_ids` join an EAGLE-3 draft vocabulary whatever their frequency (EOS, or the
+    draft ids of a head the run widens)."""
     target_config = target.config.get_text_config()
     if cfg.method == "eagle1":
         return Eagle1Head(HeadConfig.from_target(target_config))
@@ -72,20 +74,44 @@ def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: li
     raise FeatspecError(f"unknown training method '{cfg.method}': use eagle1 or eagle3")
 
 
-def init_weights(head: DraftHead, source: str) -> None:
-    """Copy weights (and the draft vocabulary) from a head directory or a trainer checkpoint."""
+def read_init_state(source: str) -> dict[str, torch.Tensor]:
+    """The weights (and draft vocabulary) of a head directory or trainer checkpoint, fc reading raw features."""
     from featspec.formats import load_head
 
     path = Path(source)
     ckpt = next((p for p in (path / "state.pt", path / "checkpoint" / "state.pt") if p.exists()), None)
-    if ckpt is not None:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-        state = dict(blob["head"])
-        if blob.get("feature_scale") is not None:  # a preconditioned run's fc reads standardised features
-            state["fc.weight"] = fold(state["fc.weight"], blob["feature_scale"])
-    else:
-        state = load_head(source).state_dict()
+    if ckpt is None:
+        return load_head(source).state_dict()
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = dict(blob["head"])
+    if blob.get("feature_scale") is not None:  # a preconditioned run's fc reads standardised features
+        state["fc.weight"] = fold(state["fc.weight"], blob["feature_scale"])
+    return state
+
+
+def init_draft_ids(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> list[int]:
+    """Draft ids an --init-from head brings into a larger --draft-vocab (none when the sizes match: the
+    head's own vocabulary is then copied as it is)."""
+    if cfg.method != "eagle3" or "d2t" not in state:
+        return []
+    n = state["d2t"].numel()
+    if cfg.draft_vocab < n:
+        raise FeatspecError(f"--init-from {cfg.init_from} drafts over {n} tokens but --draft-vocab is {cfg.draft_vocab}: "
+                            f"pass --draft-vocab {n} or larger (a head's vocabulary can be widened, not narrowed)")
+    if cfg.draft_vocab == n:
+        return []
+    return (state["d2t"].long() + torch.arange(n)).tolist()
+
+
+def init_weights(head: DraftHead, state: dict[str, torch.Tensor], source: str, target=None) -> None:
+    """Copy `state` (read from `source`) into `head`; an EAGLE-3 head with a wider draft vocabulary keeps
+    the trained rows and starts the new ones from the target's output rows (Eagle3Head.widened_state)."""
     mine = head.state_dict()
+    if isinstance(head, Eagle3Head) and target is not None and "d2t" in state and state["d2t"].shape != mine["d2t"].shape:
+        try:
+            state = head.widened_state(state, target.get_output_embeddings().weight)
+        except ValueError as exc:
+            raise FeatspecError(f"--init-from {source}: {exc}") from None
     bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
     if bad:
         raise FeatspecError(f"--init-from {source} does not match this head ({bad[0]}): use a head of the same method and target")
@@ -247,10 +273,12 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         examples = load_sharegpt(tok, cfg.max_conversations, cfg.max_length, seed=cfg.seed, skip=cfg.skip_conversations)
         heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
     eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
+    init_state = read_init_state(cfg.init_from) if cfg.init_from and found is None else None
+    keep = init_draft_ids(cfg, init_state) if init_state is not None else []
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
-    head = build_head(cfg, target, examples, eos).bind(target).to(device)
-    if cfg.init_from and found is None:
-        init_weights(head, cfg.init_from)
+    head = build_head(cfg, target, examples, eos + keep).bind(target).to(device)
+    if init_state is not None:
+        init_weights(head, init_state, cfg.init_from, target)
     head.train()
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
