@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all methods before timing (default 1)")
     b.add_argument("--json", default="bench.json", help="where to write the JSON report (a .png and .md go beside it)")
     t = sub.add_parser("train", help="train an EAGLE-1 or EAGLE-3 draft head (checkpoints, --resume)")
-    from featspec.train.trainer import TrainConfig
+    from featspec.train.trainer import DEFAULT_DRAFT_VOCAB, TrainConfig
 
     d = TrainConfig()
     t.add_argument("--method", choices=("eagle1", "eagle3"), default=d.method, help=f"head type (default {d.method})")
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     t.add_argument("--ttt-steps", type=_positive_int, default=d.ttt_steps,
                    help=f"EAGLE-3 training-time-test steps (default {d.ttt_steps}; the paper uses 7)")
-    t.add_argument("--draft-vocab", type=_positive_int, default=d.draft_vocab, help=f"EAGLE-3 draft vocabulary (default {d.draft_vocab}); with --init-from, a larger value widens "
-                        "the head's vocabulary (its trained rows kept, new tokens added by frequency)")
+    t.add_argument("--draft-vocab", type=_positive_int, default=d.draft_vocab, help=f"EAGLE-3 draft vocabulary (default {DEFAULT_DRAFT_VOCAB} for a new head, the head's own "
+                        "size with --init-from; a larger value then widens it: trained rows kept, new tokens added by frequency)")
     t.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype, help="bfloat16 autocast (default) or float32")
     t.add_argument("--save-every", type=_positive_int, default=d.save_every, help="optimizer steps between checkpoints")
     t.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between held-out evaluations (0 = end only)")

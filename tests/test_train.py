@@ -221,7 +221,8 @@ def test_init_from_run_first_evaluates_the_head_it_starts_from(tiny_target_dir, 
 
 def test_init_from_a_smaller_draft_vocab_widens_it(tiny_target_dir, tmp_path):
     """--init-from a head with a smaller --draft-vocab: the new vocabulary holds every old draft id, the old
-    head's weights carry over (lr 0 leaves the start as it is), and narrowing is refused in one line."""
+    head's weights carry over (lr 0 leaves the start as it is); without --draft-vocab the head keeps its own
+    size; narrowing is refused in one line."""
     target_dir, _ = tiny_target_dir
     first = train(config(target_dir, tmp_path / "first", max_steps=2))
     wide = train(config(target_dir, tmp_path / "wide", max_steps=1, lr=0.0, draft_vocab=1024, init_from=str(first)))
@@ -233,5 +234,7 @@ def test_init_from_a_smaller_draft_vocab_widens_it(tiny_target_dir, tmp_path):
     at = {int(t): i for i, t in enumerate(new.draft_ids)}
     rows = torch.tensor([at[int(t)] for t in old.draft_ids])
     torch.testing.assert_close(new.lm_head.weight[rows], old.lm_head.weight)
+    kept = train(config(target_dir, tmp_path / "kept", max_steps=1, draft_vocab=0, init_from=str(wide)))
+    assert torch.equal(load_head(kept).d2t, new.d2t)  # no --draft-vocab: the head's own vocabulary
     with pytest.raises(FeatspecError, match="widened, not narrowed"):
         train(config(target_dir, tmp_path / "narrow", max_steps=1, draft_vocab=256, init_from=str(first)))

@@ -29,6 +29,9 @@ from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
 from featspec.train.precondition import feature_scale, fold, scaled, unfold
 
 
+DEFAULT_DRAFT_VOCAB = 8192
+
+
 @dataclass
 class TrainConfig:
     method: str = "eagle3"
@@ -45,7 +48,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     ttt_steps: int = 3
-    draft_vocab: int = 8192
+    draft_vocab: int = 0  # EAGLE-3: 0 = DEFAULT_DRAFT_VOCAB for a new head, the --init-from head's own size
     noise: float = 0.2
     dtype: str = "bfloat16"
     save_every: int = 50
@@ -95,6 +98,8 @@ def init_draft_ids(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> list[int
     if cfg.method != "eagle3" or "d2t" not in state:
         return []
     n = state["d2t"].numel()
+    if cfg.draft_vocab == 0:  # not given: keep the head's own vocabulary
+        cfg.draft_vocab = n
     if cfg.draft_vocab < n:
         raise FeatspecError(f"--init-from {cfg.init_from} drafts over {n} tokens but --draft-vocab is {cfg.draft_vocab}: "
                             f"pass --draft-vocab {n} or larger (a head's vocabulary can be widened, not narrowed)")
@@ -275,6 +280,8 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
     init_state = read_init_state(cfg.init_from) if cfg.init_from and found is None else None
     keep = init_draft_ids(cfg, init_state) if init_state is not None else []
+    if cfg.draft_vocab == 0:
+        cfg.draft_vocab = DEFAULT_DRAFT_VOCAB
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
     head = build_head(cfg, target, examples, eos + keep).bind(target).to(device)
     if init_state is not None:
