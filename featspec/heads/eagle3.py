@@ -25,6 +25,11 @@ def default_layer_ids(num_layers: int) -> tuple[int, int, int]:
     return tuple(min(num_layers, max(1, i)) for i in (2, num_layers // 2, num_layers - 3))
 
 
+def ids_from_d2t(d2t: torch.Tensor) -> torch.Tensor:
+    """Target id of every draft id, from the offsets `d2t[i] = target_id - i`."""
+    return d2t.long() + torch.arange(d2t.numel(), device=d2t.device)
+
+
 class Eagle3Layer(nn.Module):
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -93,7 +98,7 @@ class Eagle3Head(DraftHead):
         by an affine ridge fit over the shared tokens. Why the map: the trained rows drift from the target's
         as a whole (a shared component especially), so raw target rows would outscore every trained one."""
         old_w = state["lm_head.weight"].float()
-        old_ids = state["d2t"].long() + torch.arange(old_w.shape[0], device=state["d2t"].device)
+        old_ids = ids_from_d2t(state["d2t"])
         new_ids = self.draft_ids.to(old_ids.device)
         where = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long, device=old_ids.device)
         where[new_ids] = torch.arange(new_ids.numel(), device=old_ids.device)
@@ -111,7 +116,7 @@ class Eagle3Head(DraftHead):
     @property
     def draft_ids(self) -> torch.Tensor:
         """Target id of every draft id."""
-        return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
+        return ids_from_d2t(self.d2t)
 
     def fuse(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
         return self.fc(torch.cat(hidden_states, -1).to(self.fc.weight.dtype))

@@ -134,8 +134,8 @@ def draft_vocabulary(examples: list[Example], size: int, vocab_size: int, always
     for ex in examples:
         ids = torch.tensor(ex.ids)[torch.tensor(ex.mask, dtype=torch.bool)]
         counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
-    for t in always:
-        counts[t] = counts.max() + 1
+    if always:  # above every counted id, in one assignment (a widened head brings thousands)
+        counts[torch.tensor(list(always), dtype=torch.long)] = counts.max() + 1
     order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))
     return torch.tensor(sorted(order[:size]), dtype=torch.long)
 

@@ -21,7 +21,7 @@ from featspec.errors import FeatspecError
 from featspec.formats import atomic_dir_write, save_head
 from featspec.heads.base import DraftHead
 from featspec.heads.eagle1 import Eagle1Head
-from featspec.heads.eagle3 import Eagle3Head
+from featspec.heads.eagle3 import Eagle3Head, ids_from_d2t
 from featspec.heads.layers import HeadConfig
 from featspec.train.data import Example, batch_order, collate, draft_vocabulary, load_regenerated, load_sharegpt
 from featspec.train.features import cache_key, cached_batch, estimate_bytes, fill_cache, open_cache
@@ -98,14 +98,12 @@ def init_draft_ids(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> list[int
     if cfg.method != "eagle3" or "d2t" not in state:
         return []
     n = state["d2t"].numel()
-    if cfg.draft_vocab == 0:  # not given: keep the head's own vocabulary
-        cfg.draft_vocab = n
     if cfg.draft_vocab < n:
         raise FeatspecError(f"--init-from {cfg.init_from} drafts over {n} tokens but --draft-vocab is {cfg.draft_vocab}: "
                             f"pass --draft-vocab {n} or larger (a head's vocabulary can be widened, not narrowed)")
     if cfg.draft_vocab == n:
         return []
-    return (state["d2t"].long() + torch.arange(n)).tolist()
+    return ids_from_d2t(state["d2t"]).tolist()
 
 
 def init_weights(head: DraftHead, state: dict[str, torch.Tensor], source: str, target=None) -> None:
@@ -279,9 +277,9 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         heldout = load_sharegpt(tok, cfg.eval_conversations, cfg.max_length, seed=cfg.seed, heldout=True)
     eos = [int(e) for e in ([tok.eos_token_id] if tok.eos_token_id is not None else [])]
     init_state = read_init_state(cfg.init_from) if cfg.init_from and found is None else None
+    init_size = init_state["d2t"].numel() if init_state is not None and "d2t" in init_state else 0
+    cfg.draft_vocab = cfg.draft_vocab or init_size or DEFAULT_DRAFT_VOCAB  # 0: the --init-from head's own size
     keep = init_draft_ids(cfg, init_state) if init_state is not None else []
-    if cfg.draft_vocab == 0:
-        cfg.draft_vocab = DEFAULT_DRAFT_VOCAB
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
     head = build_head(cfg, target, examples, eos + keep).bind(target).to(device)
     if init_state is not None:
