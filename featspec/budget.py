@@ -11,7 +11,7 @@ drafted levels promises E(n) = 1 + sum c_d exp(s) tokens in
 seconds, with running means of the drafting time before the first level (`base`), per level
 (`level`) and the rest of a step beyond the curve (`other`: bookkeeping, and the curve's error at
 the current context length). Before each level the budget asks whether the level's expected
-children (the frontier's scores times the head's running top-1 child probability) would raise the
+children (the frontier's scores times the head's running top-1 child probability at each frontier rank) would raise the
 best E / T; after the last level it keeps the n that maximises E(n) / T(n, L).
 """
 
@@ -109,6 +109,33 @@ def _ema(old: float | None, new: float, keep: float = 0.9) -> float:
 
 
 @dataclass
+class Evidence:
+    """A running ratio sum(num) / sum(den) over recent observations (each older one weighs `keep` times
+    less), shrunk towards `start` by `prior` pseudo-observations. Estimates that steer what gets drafted
+    are only measured while it is drafted; `fade` lets an estimate that stopped the drafting drift back to
+    its prior, so one unlucky early step cannot switch a depth (or a level) off for good."""
+
+    start: float
+    prior: float = 2.0
+    num: float = 0.0
+    den: float = 0.0
+
+    def value(self) -> float:
+        return (self.num + self.prior * self.start) / (self.den + self.prior)
+
+    def add(self, num: float, den: float, keep: float) -> None:
+        self.num = keep * self.num + num
+        self.den = keep * self.den + den
+
+    def fade(self, keep: float) -> None:
+        self.num *= keep
+        self.den *= keep
+
+
+FORGET = 0.97  # per step an estimate goes unmeasured, its evidence shrinks by this (about 25 steps to halve)
+
+
+@dataclass
 class Budget:
     """Per-step draft depth and node budget from draft confidence, measured costs and feedback.
 
@@ -116,18 +143,24 @@ class Budget:
 
     curve: CostCurve
     min_nodes: int = 1
-    child_p: float = 0.5  # running mean of a fed node's top-1 child probability
     base_s: float | None = None
     level_s: float | None = None
     other_s: float | None = None
-    _pred: dict[int, float] = field(default_factory=dict)  # per depth: running predicted acceptance mass
-    _real: dict[int, float] = field(default_factory=dict)  # per depth: running realised acceptance
+    # per depth: accepted / predicted acceptance mass of the kept nodes, over about the last 20 steps
+    _calib: dict[int, Evidence] = field(default_factory=dict)
+    # per frontier rank (0 = the best-scored node of a level): its top-1 child probability, over about
+    # the last 50 levels; one mean over all ranks lets the weak siblings talk the budget out of
+    # extending the strong chain
+    _child: dict[int, Evidence] = field(default_factory=dict)
     _kept: list[tuple[float, int]] = field(default_factory=list)
 
     def calibration(self, depth: int) -> float:
-        """Accepted / predicted at this depth over about the last 20 steps that drafted it; half a step's
-        worth of pseudo-counts at ratio 1 makes an unseen depth start trusted and a rarely seen one stable."""
-        return (self._real.get(depth, 0.0) + 0.5) / (self._pred.get(depth, 0.0) + 0.5)
+        """Accepted / predicted acceptance at this depth (1 until measured)."""
+        return self._calib[depth].value() if depth in self._calib else 1.0
+
+    def child_p(self, rank: int) -> float:
+        """Expected top-1 child probability of the frontier node of this rank (0.5 until measured)."""
+        return self._child[rank].value() if rank in self._child else 0.5
 
     def _fixed_s(self, levels: int) -> float:
         return (self.base_s or 0.0) + levels * (self.level_s or 0.0) + (self.other_s or 0.0)
@@ -144,9 +177,9 @@ class Budget:
         return best_n, best_rate
 
     def extend(self, nodes: list[tuple[float, int]], frontier: list[float], depth: int, levels: int, limit: int) -> bool:
-        """Is drafting one more level (children at `depth` of the `frontier` scores) worth its time?"""
+        """Is drafting one more level (children at `depth` of the `frontier` scores, best first) worth its time?"""
         _, now = self._best(nodes, limit, levels)
-        guess = [(s + math.log(max(self.child_p, 1e-6)), depth) for s in frontier]
+        guess = [(s + math.log(max(self.child_p(r), 1e-6)), depth) for r, s in enumerate(frontier)]
         _, after = self._best(sorted(nodes + guess, key=lambda x: (-x[0], x[1])), limit, levels + 1)
         return after > now
 
@@ -156,15 +189,21 @@ class Budget:
         self._kept = list(nodes[:n])
         return n
 
-    def update(self, accepted: int, base_s: float, level_s: list[float], top1: list[float], gap_s: float | None) -> None:
+    def update(self, accepted: int, base_s: float, level_s: list[float], top1: list[list[float]],
+               gap_s: float | None) -> None:
         """Feed back one step: draft tokens accepted, drafting times (before the first level, per level),
-        top-1 child probabilities seen, and the seconds from the end of drafting to the next draft (verify
-        and bookkeeping), if known."""
+        top-1 child probabilities seen (per drafted level, frontier nodes best-scored first), and the seconds
+        from the end of drafting to the next draft (verify and bookkeeping), if known."""
         self.base_s = _ema(self.base_s, base_s)
         for t in level_s:
             self.level_s = _ema(self.level_s, t)
-        for p in top1:
-            self.child_p = _ema(self.child_p, p, 0.98)
+        seen = set()
+        for level in top1:
+            for r, p in enumerate(level):
+                self._child.setdefault(r, Evidence(0.5)).add(p, 1.0, 0.98)
+                seen.add(r)
+        for r in self._child.keys() - seen:
+            self._child[r].fade(FORGET)
         if gap_s is not None:
             verify = self.curve(len(self._kept) + 1)
             self.other_s = _ema(self.other_s, max(gap_s - verify, -0.5 * verify))
@@ -172,6 +211,9 @@ class Budget:
         for s, d in self._kept:
             mass[d] = mass.get(d, 0.0) + math.exp(s)
         self._kept = []  # a step that drafts nothing (the root only) keeps nothing
-        for d, m in mass.items():  # 0.95: about the last 20 steps that drafted this deep
-            self._pred[d] = 0.95 * self._pred.get(d, 0.0) + 0.05 * min(1.0, m) * 20
-            self._real[d] = 0.95 * self._real.get(d, 0.0) + 0.05 * float(accepted >= d) * 20
+        if not mass:
+            return
+        for d, m in mass.items():
+            self._calib.setdefault(d, Evidence(1.0)).add(float(accepted >= d), min(1.0, m), 0.95)
+        for d in self._calib.keys() - mass.keys():
+            self._calib[d].fade(FORGET)

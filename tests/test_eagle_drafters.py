@@ -228,11 +228,11 @@ def test_cost_curve_is_made_monotone():
 def test_auto_budget_drafts_deeper_only_when_it_pays():
     b = Budget(CostCurve([1, 64], [1.0, 1.0]))
     kept = [(-0.1, 1), (-0.2, 2)]
-    b.update(1, base_s=0.05, level_s=[0.02], top1=[0.9], gap_s=None)  # a cheap level, a confident head
+    b.update(1, base_s=0.05, level_s=[0.02], top1=[[0.9]], gap_s=None)  # a cheap level, a confident head
     assert b.extend(kept, [-0.2], depth=3, levels=1, limit=8)
     assert not b.extend(kept, [-9.0], depth=3, levels=1, limit=8)  # a frontier nobody believes in
     slow = Budget(CostCurve([1, 64], [1.0, 1.0]))
-    slow.update(1, base_s=0.05, level_s=[5.0], top1=[0.9], gap_s=None)  # a level costs 5 verify forwards
+    slow.update(1, base_s=0.05, level_s=[5.0], top1=[[0.9]], gap_s=None)  # a level costs 5 verify forwards
     assert not slow.extend(kept, [-0.2], depth=3, levels=1, limit=8)
 
 
@@ -241,11 +241,44 @@ def test_auto_budget_calibrates_per_depth():
     b = Budget(CostCurve([1, 64], [1.0, 1.0]))
     for _ in range(40):
         assert b.choose([(-0.05, 1), (-0.1, 2)], 8, levels=1) == 2
-        b.update(1, base_s=0.0, level_s=[0.0], top1=[0.9], gap_s=2.0)
-    assert b.calibration(1) > 0.9 and b.calibration(2) < 0.1
+        b.update(1, base_s=0.0, level_s=[0.0], top1=[[0.9]], gap_s=2.0)
+    assert b.calibration(1) > 0.9 and b.calibration(2) < 0.15
     assert b.other_s == pytest.approx(2.0 - 1.0)  # the gap beyond the curve's verify time
+    before = b.calibration(2)
     b.update(0, base_s=0.0, level_s=[], top1=[], gap_s=None)  # a step that kept nothing changes no calibration
-    assert b.calibration(1) > 0.9
+    assert b.calibration(1) > 0.9 and b.calibration(2) == before
+
+
+def test_auto_budget_retries_a_depth_it_switched_off():
+    """Depth 2 is only measured while depth-2 nodes are kept: after one bad start the budget must not
+    stop keeping them for good (the lock-in that made `--budget auto` differ from run to run)."""
+    b = Budget(CostCurve([1, 64], [1.0, 1.0]))
+    nodes = [(-0.05, 1), (-0.4, 2)]
+    for _ in range(5):  # a bad start at depth 2
+        b.choose(nodes, 8, levels=1)
+        b.update(1, base_s=0.0, level_s=[0.0], top1=[[0.9]], gap_s=None)
+    assert b.calibration(2) < 0.5
+    b.curve = CostCurve([1, 2, 3, 64], [1.0, 1.0, 1.25, 2.0])  # a second node costs: worth it only if trusted
+    assert b.choose(nodes, 8, levels=1) == 1
+    kept_two = 0
+    for _ in range(200):
+        kept_two += b.choose(nodes, 8, levels=1) == 2
+        b.update(1, base_s=0.0, level_s=[0.0], top1=[[0.9]], gap_s=None)
+    assert b.calibration(2) > 0.6 and kept_two > 0
+
+
+def test_auto_budget_child_probability_per_frontier_rank():
+    """The best frontier node's children and its weak siblings' are estimated apart, starting from 0.5."""
+    b = Budget(CostCurve([1, 64], [1.0, 1.0]))
+    assert b.child_p(0) == 0.5
+    b.update(0, base_s=0.0, level_s=[0.0], top1=[[0.05, 0.1, 0.1, 0.1]], gap_s=None)
+    assert 0.3 < b.child_p(0) < 0.5  # one observation moves it, it does not replace the prior
+    for _ in range(100):
+        b.update(0, base_s=0.0, level_s=[0.0], top1=[[0.9, 0.1, 0.1, 0.1]], gap_s=None)
+    assert b.child_p(0) > 0.8 and b.child_p(3) < 0.2 and b.child_p(7) == 0.5
+    for _ in range(300):  # levels no longer drafted: the estimates drift back to the prior
+        b.update(0, base_s=0.0, level_s=[], top1=[], gap_s=None)
+    assert abs(b.child_p(0) - 0.5) < 0.1 and abs(b.child_p(3) - 0.5) < 0.1
 
 
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3", "eagle3-lookup"])

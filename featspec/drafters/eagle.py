@@ -80,7 +80,7 @@ class FeatureDrafter:
         self._gap_s: float | None = None
         self._base_s = 0.0
         self._level_s: list[float] = []
-        self._top1: list[float] = []
+        self._top1: list[list[float]] = []  # per drafted level, frontier order (best score first)
         self._tree: DraftTree | None = None  # the last tree this drafter proposed (a wrapper may graft onto it)
 
     @property
@@ -169,7 +169,7 @@ class FeatureDrafter:
             k = self.topk
             child_ids, child_lp = self._children(outs, k)
             if self.budget is not None:
-                self._top1.extend(math.exp(lp[0]) for lp in child_lp)
+                self._top1.append([math.exp(lp[0]) for lp in child_lp])
             level = []
             for i, n in enumerate(frontier):
                 nodes[n].out = outs[i]
