@@ -11,8 +11,10 @@ drafted levels promises E(n) = 1 + sum c_d exp(s) tokens in
 seconds, with running means of the drafting time before the first level (`base`), per level
 (`level`) and the rest of a step beyond the curve (`other`: bookkeeping, and the curve's error at
 the current context length). Before each level the budget asks whether the level's expected
-children (the frontier's scores times the head's running top-1 child probability at each frontier rank) would raise the
-best E / T; after the last level it keeps the n that maximises E(n) / T(n, L).
+children (the frontier's scores times the head's running top-1 child probability at each frontier
+rank) would raise the best E / T; after the last level it keeps the n that maximises E(n) / T(n, L).
+c_d and the child probabilities are `Evidence`: shrunk towards a prior and faded back to it while
+unmeasured, so an early bad step cannot switch a depth off for the rest of a run.
 """
 
 from __future__ import annotations
