@@ -1,8 +1,7 @@
 """`--budget auto`: choose, at every step, how deep to draft and how many draft nodes to verify.
 
-The target's verify cost as a function of the number of tree nodes is measured once per
-(model, dtype, device, threads) and cached as JSON (made non-decreasing: timing noise must not make
-12 nodes look cheaper than 8). A node with cumulative draft log-probability s at depth d is
+The target's verify cost as a function of the number of tree nodes and the context length comes from
+the machine's cost model (`costmodel.py`: measured once, cached, made non-decreasing). A node with cumulative draft log-probability s at depth d is
 accepted with probability ~ c_d * exp(s) (EAGLE-2's observation: draft confidence tracks
 acceptance), where c_d is a running calibration per depth (accepted / predicted), since a head's
 confidence drifts from its acceptance more the deeper it drafts. Keeping the n best nodes after L
@@ -19,91 +18,10 @@ unmeasured, so an early bad step cannot switch a depth off for the rest of a run
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import statistics
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-
-from featspec.bench.report import write_json
-from featspec.models.registry import cache_root
-from featspec.tree import DraftTree
-
-SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-
-
-def monotone(values: list[float]) -> list[float]:
-    """Least-squares non-decreasing fit (pool adjacent violators): a bigger tree never costs less."""
-    blocks: list[list[float]] = []  # [sum, count]
-    for v in values:
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            total, count = blocks.pop()
-            blocks[-1][0] += total
-            blocks[-1][1] += count
-    return [b[0] / b[1] for b in blocks for _ in range(b[1])]
-
-
-@dataclass
-class CostCurve:
-    """Seconds per verify forward at each measured tree size (made non-decreasing); linear in between."""
-
-    sizes: list[int]
-    seconds: list[float]
-
-    def __post_init__(self) -> None:
-        self.seconds = monotone(list(self.seconds))
-
-    def __call__(self, n: int) -> float:
-        xs, ys = self.sizes, self.seconds
-        if n <= xs[0]:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-            if n <= x1:
-                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
-        return ys[-1] * n / xs[-1]  # beyond the grid: proportional (pessimistic)
-
-
-def _curve_path(target, context: int) -> Path:
-    cfg = target.model.config
-    ident = json.dumps([getattr(cfg, "_name_or_path", ""), cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers,
-                        cfg.vocab_size, str(target.dtype), str(target.device), torch.get_num_threads(), context])
-    return cache_root() / "costs" / (hashlib.sha1(ident.encode()).hexdigest()[:16] + ".json")
-
-
-def measure_cost_curve(target, context: int = 256, repeats: int = 5, sizes=SIZES, use_cache: bool = True) -> CostCurve:
-    """Median verify time per tree size over a `context`-token prefix (random tokens, random trees)."""
-    path = _curve_path(target, context)
-    if use_cache and path.exists():
-        data = json.loads(path.read_text())
-        return CostCurve(data["sizes"], data["seconds"])
-    print(f"featspec: measuring the verify cost curve once (cached at {path})", file=sys.stderr, flush=True)
-    gen = torch.Generator().manual_seed(0)
-    vocab = target.config.vocab_size
-    prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-    sizes = [s for s in sizes if context + s < target.max_length]
-    seconds = []
-    for n in sizes:
-        parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
-        tree = DraftTree(torch.randint(0, vocab, (n,), generator=gen).tolist(), parents)
-        times = []
-        for r in range(repeats + 1):
-            target.prefill(prompt)
-            t0 = time.perf_counter()
-            target.verify(tree, hidden=True)
-            if target.device.type == "cuda":
-                torch.cuda.synchronize()
-            if r:  # the first run warms up kernels for this shape
-                times.append(time.perf_counter() - t0)
-        seconds.append(statistics.median(times))
-    curve = CostCurve(list(sizes), seconds)
-    write_json({"sizes": curve.sizes, "seconds": seconds, "context": context}, path)  # raw medians
-    return curve
+from featspec.costmodel import CostCurve, CostModel
 
 
 def _ema(old: float | None, new: float, keep: float = 0.9) -> float:
@@ -143,8 +61,9 @@ class Budget:
 
     Nodes are (score, depth) pairs, score = cumulative draft log-probability."""
 
-    curve: CostCurve
+    costs: CostModel | CostCurve  # a bare curve prices every context alike
     min_nodes: int = 1
+    curve: CostCurve | None = None  # the verify curve at the current context (`at`)
     base_s: float | None = None
     level_s: float | None = None
     other_s: float | None = None
@@ -155,6 +74,14 @@ class Budget:
     # extending the strong chain
     _child: dict[int, Evidence] = field(default_factory=dict)
     _kept: list[tuple[float, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.curve is None:
+            self.at(0)
+
+    def at(self, context: int) -> None:
+        """Price trees at this context length (the verify cost grows with the cache)."""
+        self.curve = self.costs if isinstance(self.costs, CostCurve) else self.costs.curve(context)
 
     def calibration(self, depth: int) -> float:
         """Accepted / predicted acceptance at this depth (1 until measured)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from featspec.errors import FeatspecError
 
 DTYPE_CHOICES = ("bfloat16", "float32")
+RUN_DTYPES = ("auto",) + DTYPE_CHOICES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,8 +32,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"model alias ({', '.join(ALIASES)}), local HF directory or hub id (default {DEFAULT_TARGET})")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16",
-                   help="bfloat16 for speed (default); float32 for bit-exact comparisons with HF generate")
+    p.add_argument("--dtype", choices=RUN_DTYPES, default="auto",
+                   help="auto (default): the dtype this machine's measured cost model predicts fastest (bfloat16 where "
+                        "it is native: AMX, CUDA; float32 where it is emulated), with the reason printed; float32 for "
+                        "bit-exact comparisons with HF generate")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens when sampling (0 = off)")
@@ -49,10 +52,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=_positive_int, default=4, help="eagle2/eagle3: children per expanded node (default 4)")
     p.add_argument("--total-tokens", type=_positive_int, default=None,
                    help="eagle2/eagle3: draft nodes verified per step (default 8; with --budget auto a ceiling, default 32)")
-    p.add_argument("--budget", choices=("fixed", "auto"), default="fixed",
-                   help="eagle2/eagle3: auto picks the draft depth and node count every step from draft confidence, "
-                        "the measured verify-cost curve of this machine and measured drafting time (default fixed); "
-                        "bench methods eagle2-auto / eagle3-auto do the same beside the fixed ones")
+    p.add_argument("--budget", choices=("fixed", "auto"), default="auto",
+                   help="eagle2/eagle3: auto (default) picks the draft depth and node count every step from draft "
+                        "confidence, this machine's measured cost model and measured drafting time; fixed uses "
+                        "--depth/--topk/--total-tokens as given (bench methods eagle3-fixed etc. run it beside auto)")
+    p.add_argument("--no-guard", dest="guard", action="store_false",
+                   help="draft at every step even where speculation is measured or predicted slower than plain "
+                        "decoding (by default such steps run without drafts; output is the same either way)")
     p.add_argument("--lookup", action="store_true",
                    help="graft prompt-lookup continuations (matches of the last 2-4 tokens in the context, up to 16 "
                         "extra nodes) onto the drafter's tree; bench methods eagle3-lookup / eagle3-auto-lookup do the "
@@ -86,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="hf,vanilla,ngram", help=f"comma list from {', '.join(METHODS)}")
     b.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all methods before timing (default 1)")
     b.add_argument("--json", default="bench.json", help="where to write the JSON report (a .png and .md go beside it)")
+    c = sub.add_parser("calibrate", help="measure this machine's cost model (verify cost per tree size, context, dtype; "
+                                         "drafting cost) and print the speedup ceiling it implies")
+    c.add_argument("--target", default=b.get_default("target"), help="model alias, local HF directory or hub id")
+    c.add_argument("--method", default="eagle3", help="drafter whose cost is measured beside the target's (default eagle3; "
+                                                     "one of vanilla, ngram, model, eagle1, eagle2, eagle3)")
+    c.add_argument("--head", default=None, help="head directory for eagle methods (default: the shipped head)")
+    c.add_argument("--dtype", choices=("both",) + DTYPE_CHOICES, default="both", help="dtypes to measure (default both)")
+    c.add_argument("--force", action="store_true", help="measure again even when this machine's costs are cached")
+    c.add_argument("--png", default="calibrate.png", help="where to draw the curves (default calibrate.png)")
+
     t = sub.add_parser("train", help="train an EAGLE-1 or EAGLE-3 draft head (checkpoints, --resume)")
     from featspec.train.trainer import DEFAULT_DRAFT_VOCAB, TrainConfig
 
@@ -168,7 +184,43 @@ def _draft_options(args):
     from featspec.drafters import DraftOptions
 
     return DraftOptions(draft_model=args.draft_model, draft_length=args.draft_length, head=args.head, depth=args.depth,
-                        topk=args.topk, total_tokens=args.total_tokens, budget=args.budget, lookup=args.lookup)
+                        topk=args.topk, total_tokens=args.total_tokens, budget=args.budget, lookup=args.lookup,
+                        guard=args.guard)
+
+
+def _load_target(args, method: str | None):
+    """Load --target: in --dtype as given, or (auto) in float32 until `_settle_dtype` decides."""
+    from featspec.models import load_model
+
+    if args.head and method is not None and method.startswith("eagle"):
+        from featspec.formats import resolve_head_dir
+
+        resolve_head_dir(args.head)  # a missing head is said before a model loads or a machine is measured
+    return load_model(args.target, "float32" if args.dtype == "auto" else args.dtype)
+
+
+def _settle_dtype(args, lm, method: str | None) -> str:
+    """With --dtype auto, cast `lm` to the dtype the cost model predicts fastest for `method` and say why in one
+    line; returns how the dtype was chosen, for the report."""
+    if args.dtype != "auto":
+        return f"{args.dtype} (--dtype)"
+    from dataclasses import replace
+
+    import torch
+
+    from featspec.costmodel import choose_dtype
+    from featspec.drafters import build_drafter
+    from featspec.models.registry import LoadedModel
+
+    make = None
+    if method is not None and method != "vanilla":
+        opts = replace(_draft_options(args), lookup=False)
+        make = lambda m: build_drafter(method, LoadedModel(lm.spec, m, lm.tokenizer), opts)  # noqa: E731
+    dtype, reason, _ = choose_dtype(lm.model, make)
+    if dtype != torch.float32:
+        lm.model.to(dtype)
+    print(f"featspec: --dtype auto -> {reason}", file=sys.stderr, flush=True)
+    return f"{str(dtype).replace('torch.', '')} (auto)"
 
 
 def _sampling(args):
@@ -181,10 +233,10 @@ def _sampling(args):
 
 def cmd_generate(args) -> int:
     from featspec.bench.methods import HFMethod
-    from featspec.drafters import DRAFT_METHODS, SHIPPED_HEADS, build_drafter, check_lookup
-    from featspec.engine import SpeculativeGenerator, eos_token_ids
-    from featspec.models import TargetModel, load_model
+    from featspec.drafters import DRAFT_METHODS, SHIPPED_HEADS, check_lookup
+    from featspec.models.target import TargetModel
     from featspec.prompts import encode_messages, has_chat_template
+    from featspec.runtime import build_generator
 
     sampling = _sampling(args)
     if args.method is None:
@@ -202,15 +254,16 @@ def cmd_generate(args) -> int:
     if prompt is None or not prompt.strip():
         raise FeatspecError("empty prompt: pass --prompt TEXT or --prompt-file PATH")
 
-    lm = load_model(args.target, args.dtype)
+    lm = _load_target(args, args.method)
     tok = lm.tokenizer
     if not has_chat_template(tok):
         print(f"featspec: {args.target} has no chat template; using the prompt as plain text", file=sys.stderr)
     ids = encode_messages(tok, [{"role": "user", "content": prompt}])
-    drafter = build_drafter(args.method, lm, _draft_options(args))
-    gen = SpeculativeGenerator(TargetModel(lm.model), drafter, eos_token_ids(lm.model, tok), tok)
-    if len(ids) >= gen.target.max_length:
-        raise FeatspecError(f"prompt has {len(ids)} tokens but the context window is {gen.target.max_length}: shorten the prompt")
+    window = TargetModel(lm.model).max_length
+    if len(ids) >= window:
+        raise FeatspecError(f"prompt has {len(ids)} tokens but the context window is {window}: shorten the prompt")
+    dtype_note = _settle_dtype(args, lm, args.method)
+    gen = build_generator(args.method, lm, _draft_options(args))
 
     hf = HFMethod("hf", lm, sampling) if args.compare else None
     if hf is not None:  # warm both paths up so neither pays one-time costs in the comparison
@@ -242,37 +295,87 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text[len(shown):])
     print()
     tau = f", tau {res.tau:.2f}" if res.tau is not None and args.method != "vanilla" else ""
-    line = (f"[{drafter.name}] {len(res.new_ids)} tokens in {res.total_s:.2f} s = {res.tokens_per_s:.1f} tok/s{tau}"
-            f" ({args.target}, {args.dtype}, stop: {res.stop_reason})")
+    plain = f", {res.plain_steps} of {len(res.steps)} steps plain (guard)" if res.plain_steps else ""
+    line = (f"[{gen.drafter.name}] {len(res.new_ids)} tokens in {res.total_s:.2f} s = {res.tokens_per_s:.1f} tok/s{tau}{plain}"
+            f" ({args.target}, {dtype_note}, stop: {res.stop_reason})")
     if hf is not None:
         rec = hf.run(ids, args.max_new_tokens, args.seed)
         hf_tps = len(rec.new_ids) / rec.seconds
-        same = "yes" if rec.new_ids == res.new_ids else "no"
-        line += f" | HF generate {hf_tps:.1f} tok/s | speedup {res.tokens_per_s / hf_tps:.2f}x | same tokens as HF: {same}"
+        line += f" | HF generate {hf_tps:.1f} tok/s | speedup {res.tokens_per_s / hf_tps:.2f}x"
+        print(line)
+        print(_exactness(args, lm, ids, res.new_ids, rec.new_ids, sampling))
+        return 0
     print(line)
+    return 0
+
+
+def _exactness(args, lm, ids: list[int], ours: list[int], hf_ids: list[int], sampling) -> str:
+    """A true line about exactness: greedy output equals HF's, or why it need not in bf16, with the fp32 check."""
+    import torch
+
+    if not sampling.greedy:
+        return "exactness: sampled output is distributed as the target's (checked by the test suite's statistical tests), not token-equal to HF's draws"
+    if ours == hf_ids:
+        return f"exactness: token-identical to HF generate ({len(ours)} tokens, {str(lm.dtype).replace('torch.', '')})"
+    if lm.dtype == torch.float32:
+        return f"exactness: DIFFERS from HF generate in float32 ({_first_diff(ours, hf_ids)}): please report this as a bug"
+    from featspec.bench.methods import HFMethod
+    from featspec.models import load_model
+    from featspec.runtime import build_generator
+
+    note = (f"exactness: in {str(lm.dtype).replace('torch.', '')} the output differs from HF generate "
+            f"({_first_diff(ours, hf_ids)}): bf16 kernels round a batched verify and a one-token step differently, "
+            "so both are the target's greedy output up to that rounding")
+    lm32 = load_model(args.target, "float32")
+    gen32 = build_generator(args.method, lm32, _draft_options(args))
+    ours32 = gen32.generate(ids, args.max_new_tokens, sampling, seed=args.seed).new_ids
+    ref32 = HFMethod("hf", lm32, sampling).run(ids, args.max_new_tokens, args.seed).new_ids
+    verdict = (f"token-identical ({len(ours32)} tokens)" if ours32 == ref32
+               else f"DIFFERS ({_first_diff(ours32, ref32)}): please report this as a bug")
+    return note + f"; float32 check on the same prompt, featspec vs HF generate: {verdict}"
+
+
+def _first_diff(a: list[int], b: list[int]) -> str:
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"first difference at token {i} of {max(len(a), len(b))}"
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from featspec.calibrate import run_calibrate
+
+    dtypes = [torch.float32, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
+    run_calibrate(args.target, args.method, args.head, dtypes, force=args.force, png=Path(args.png))
     return 0
 
 
 def cmd_bench(args) -> int:
     from featspec.bench.datasets import load_dataset
-    from featspec.bench.methods import parse_methods
+    from featspec.bench.methods import HF_METHODS, base_method, parse_methods
     from featspec.bench.report import markdown_table, write_json, write_plot
     from featspec.bench.runner import run_bench
+    from featspec.costmodel import cost_model
     from featspec.drafters import check_lookup
-    from featspec.models import load_model
+    from featspec.models.target import TargetModel
 
     sampling = _sampling(args)
     methods = parse_methods(args.methods)
     for m in methods:
         check_lookup(m, args.lookup)
     samples = load_dataset(args.dataset, args.limit)
-    lm = load_model(args.target, args.dtype)
+    drafting = [base_method(m) for m in methods if m not in HF_METHODS and m != "vanilla"]
+    # --dtype auto prices the first feature drafter benched (else the first drafter): the dtype serves them all
+    lead = next((m for m in drafting if m.startswith("eagle")), drafting[0] if drafting else None)
+    lm = _load_target(args, lead)
+    dtype_note = _settle_dtype(args, lm, lead)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     report = run_bench(
         lm, samples, methods, args.max_new_tokens, sampling, seed=args.seed,
         opts=_draft_options(args), warmup=args.warmup,
-        config_extra={"dataset": args.dataset, "limit": args.limit, "started": started,
-                      "command": "featspec " + " ".join(sys.argv[1:])},
+        config_extra={"dataset": args.dataset, "limit": args.limit, "started": started, "dtype_choice": dtype_note,
+                      "command": "featspec " + " ".join(sys.argv[1:]),
+                      "cost_model": cost_model(TargetModel(lm.model)).summary()},
     )
     json_path = Path(args.json)
     write_json(report, json_path)
@@ -296,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         if args.command == "train":
             return cmd_train(args)
         if args.command == "export":

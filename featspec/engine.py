@@ -10,8 +10,10 @@ import torch
 
 from featspec.drafters.base import DraftContext, Drafter
 from featspec.errors import FeatspecError
+from featspec.guard import Guard
 from featspec.models.target import TargetModel
 from featspec.sampling import SamplingConfig, process_logits, select_token
+from featspec.tree import DraftTree
 from featspec.verify import verify_greedy, verify_sampling
 
 
@@ -24,6 +26,7 @@ class StepStats:
     verify_s: float
     book_s: float  # acceptance, cache compaction, drafter update, stop checks
     tree_depth: int = 0  # deepest draft node (0 = no draft)
+    plain: str = ""  # why the guard ran this step without drafts ("" = drafted): predicted | measured | measure
 
 
 @dataclass
@@ -40,9 +43,20 @@ class GenerationResult:
         return len(self.steps)
 
     @property
+    def drafted_steps(self) -> list[StepStats]:
+        return [s for s in self.steps if not s.plain]
+
+    @property
+    def plain_steps(self) -> int:
+        """Steps the guard ran without drafts (speculation measured or predicted slower than plain decoding)."""
+        return sum(1 for s in self.steps if s.plain)
+
+    @property
     def tau(self) -> float | None:
-        """Committed tokens per verification forward (bonus included, prefill excluded)."""
-        return sum(s.committed for s in self.steps) / len(self.steps) if self.steps else None
+        """Committed tokens per verification forward of a drafted step (bonus included, prefill excluded;
+        the guard's plain steps are left out: they say nothing about the drafter)."""
+        steps = self.drafted_steps
+        return sum(s.committed for s in steps) / len(steps) if steps else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,13 +80,19 @@ def _clock(device: torch.device) -> float:
 
 
 class SpeculativeGenerator:
-    """Runs one drafter against one target; lossless for greedy and sampled decoding."""
+    """Runs one drafter against one target; lossless for greedy and sampled decoding.
 
-    def __init__(self, target: TargetModel, drafter: Drafter, eos_ids: list[int], tokenizer=None):
+    With a `Guard`, steps that speculation would make slower run without drafts (the root alone), and the
+    drafter still observes them, so its state stays in sync for the next probe. The guard lives as long as
+    the generator: what it measured on one prompt carries over to the next."""
+
+    def __init__(self, target: TargetModel, drafter: Drafter, eos_ids: list[int], tokenizer=None,
+                 guard: Guard | None = None):
         self.target = target
         self.drafter = drafter
         self.eos_ids = set(eos_ids)
         self.tokenizer = tokenizer
+        self.guard = guard
 
     def generate(
         self,
@@ -120,8 +140,12 @@ class SpeculativeGenerator:
         while stop is None:
             t1 = _clock(device)
             room = min(max_new_tokens - len(result.new_ids), self.target.max_length - self.target.length) - 1
-            ctx = DraftContext(tokens, max_depth=room, sampling=sampling, generator=generator)
-            tree = self.drafter.propose(ctx).truncated(room)
+            drafted = self.guard is None or self.guard.drafting()
+            if drafted:
+                ctx = DraftContext(tokens, max_depth=room, sampling=sampling, generator=generator)
+                tree = self.drafter.propose(ctx).truncated(room)
+            else:
+                tree = DraftTree.root(tokens[-1])
             t2 = _clock(device)
             out = self.target.verify(tree, hidden=wants_hidden)
             t3 = _clock(device)
@@ -135,10 +159,11 @@ class SpeculativeGenerator:
             before = len(result.new_ids)
             stop = self._append(result, tokens, new, max_new_tokens, stop_strings, on_token)
             t4 = _clock(device)
-            result.steps.append(
-                StepStats(len(tree), len(path) - 1, len(result.new_ids) - before, t2 - t1, t3 - t2, t4 - t3,
-                          tree.max_depth())
-            )
+            step = StepStats(len(tree), len(path) - 1, len(result.new_ids) - before, t2 - t1, t3 - t2, t4 - t3,
+                             tree.max_depth(), "" if drafted else self.guard.reason)
+            result.steps.append(step)
+            if self.guard is not None:
+                self.guard.record(drafted, step.committed, t4 - t1)
         result.stop_reason = stop
         result.total_s = _clock(device) - t0
         return result

@@ -311,3 +311,25 @@ def test_eagle_sampling_is_lossless(kind):
     assert hist[0] > 300 and hist[1] > 300, hist  # rejections and acceptances both exercised
     if kind.endswith("lookup"):
         assert sum(n > 0 for n in grafted) > 300, Counter(grafted)  # grafts were verified often
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_guard_plain_steps_keep_the_head_in_sync(trained, name):
+    """The guard's plain stretches change nothing in the output, and the head, which observes them, drafts
+    as well after each stretch as without the guard (its cache and features stay in sync)."""
+    from featspec.guard import Guard
+
+    model, _, h3, _, prompts = trained[name]
+    committed, drafted, plain = 0, 0, 0
+    for prompt in prompts:
+        # a plain step priced at 0 s makes every probe fail: 2 drafted steps, then 3 plain, and again
+        guard = Guard(window=2, backoff=3, max_backoff=3, plain_prior_s=0.0)
+        res = SpeculativeGenerator(TargetModel(model), FeatureDrafter(h3, "eagle3"), EOS, guard=guard).generate(prompt, 40)
+        assert res.new_ids == hf_greedy(model, prompt, 40)
+        plain += res.plain_steps
+        committed += sum(s.committed for s in res.drafted_steps)
+        drafted += len(res.drafted_steps)
+        assert all(s.tree_size == 1 for s in res.steps if s.plain)
+        assert guard.stats()["plain_steps"].get("measured", 0) == res.plain_steps
+    assert plain > 0
+    assert committed / drafted > 1.8, (committed, drafted)

@@ -7,21 +7,26 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from featspec.drafters import DRAFT_METHODS, DraftOptions, build_drafter
-from featspec.engine import GenerationResult, SpeculativeGenerator, eos_token_ids
+from featspec.drafters import DRAFT_METHODS, DraftOptions
+from featspec.engine import GenerationResult, eos_token_ids
 from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel
-from featspec.models.target import TargetModel
+from featspec.runtime import build_generator
 from featspec.sampling import SamplingConfig
 
 HF_METHODS = ("hf", "hf-pld")
 # Variants of a drafter, so one run times them side by side (interleaved) instead of comparing two runs:
-# eagle2-auto / eagle3-auto use --budget auto, eagle3-lookup grafts prompt lookup onto the tree (--lookup)
+# *-fixed use --budget fixed (the default is auto), *-auto force --budget auto whatever --budget says,
+# *-lookup graft prompt lookup onto the tree (--lookup), *-noguard turn the never-slower guard off
 VARIANTS: dict[str, tuple[str, dict]] = {
     "eagle2-auto": ("eagle2", {"budget": "auto"}),
     "eagle3-auto": ("eagle3", {"budget": "auto"}),
+    "eagle2-fixed": ("eagle2", {"budget": "fixed"}),
+    "eagle3-fixed": ("eagle3", {"budget": "fixed"}),
+    "eagle3-noguard": ("eagle3", {"guard": False}),
     "eagle3-lookup": ("eagle3", {"lookup": True}),
     "eagle3-auto-lookup": ("eagle3", {"budget": "auto", "lookup": True}),
+    "eagle3-fixed-lookup": ("eagle3", {"budget": "fixed", "lookup": True}),
 }
 METHODS = HF_METHODS + DRAFT_METHODS + tuple(VARIANTS)
 PLD_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
@@ -89,12 +94,16 @@ class EngineMethod:
         if name in VARIANTS:
             name, changes = VARIANTS[name]
             opts = replace(opts, **changes)
-        drafter = build_drafter(name, lm, opts)
-        self.generator = SpeculativeGenerator(TargetModel(lm.model), drafter, eos_token_ids(lm.model, lm.tokenizer), lm.tokenizer)
+        self.generator = build_generator(name, lm, opts)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunRecord:
         res = self.generator.generate(prompt_ids, max_new_tokens, self.sampling, seed=seed)
         return RunRecord(res.new_ids, res.total_s, res)
+
+
+def base_method(name: str) -> str:
+    """The drafter a bench method runs (a variant's base), e.g. eagle3 for eagle3-lookup."""
+    return VARIANTS[name][0] if name in VARIANTS else name
 
 
 def build_method(name: str, lm: LoadedModel, sampling: SamplingConfig, opts: DraftOptions | None = None):

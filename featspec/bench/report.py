@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from featspec.io import write_json  # noqa: F401  (reports are written through the one atomic writer)
 
 
 def _fmt(value, spec: str) -> str:
@@ -14,26 +13,18 @@ def _fmt(value, spec: str) -> str:
 
 def markdown_table(report: dict) -> str:
     rows = [
-        "| method | tokens/s | speedup vs hf | tau | exact match | new tokens | mean tree | accept by depth |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| method | tokens/s | speedup vs hf | tau | exact match | new tokens | mean tree | plain steps (guard) | accept by depth |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, m in report["methods"].items():
+        g = m.get("guard")
+        plain = "-" if not g else f"{g['plain_steps']} / {g['plain_steps'] + g['drafted_steps']}"
         rows.append(
             f"| {name} | {m['tokens_per_s']:.1f} | {_fmt(m['speedup'], '.2f')} | {_fmt(m['tau'], '.2f')} | "
-            f"{_fmt(m['exact_match'], '.2f')} | {m['new_tokens']} | {_fmt(m['mean_tree_size'], '.1f')} | "
+            f"{_fmt(m['exact_match'], '.2f')} | {m['new_tokens']} | {_fmt(m['mean_tree_size'], '.1f')} | {plain} | "
             f"{' '.join(format(a, '.2f') for a in (m.get('accept_by_depth') or [])[:8]) or '-'} |"
         )
     return "\n".join(rows)
-
-
-def write_json(report: dict, path: str | Path) -> None:
-    """Atomic write: a crash never leaves a truncated report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def write_plot(report: dict, path: str | Path) -> None:

@@ -29,7 +29,9 @@ class MethodTotals:
     new_tokens: int = 0
     seconds: float = 0.0
     committed: int = 0  # tokens committed by verification steps (prefill token excluded)
-    steps: int = 0
+    steps: int = 0  # drafted verification steps
+    plain: Counter = field(default_factory=Counter)  # steps the guard ran without drafts, by reason
+    plain_s: float = 0.0
     tree_nodes: int = 0
     accepted_hist: Counter = field(default_factory=Counter)
     reached: Counter = field(default_factory=Counter)  # depth d -> steps whose tree reached d with depth d-1 accepted
@@ -46,15 +48,19 @@ class MethodTotals:
             return
         self.prefill_s += res.prefill_s
         for s in res.steps:
+            self.draft_s += s.draft_s
+            self.verify_s += s.verify_s
+            self.book_s += s.book_s
+            if s.plain:
+                self.plain[s.plain] += 1
+                self.plain_s += s.draft_s + s.verify_s + s.book_s
+                continue
             self.steps += 1
             self.committed += s.committed
             self.tree_nodes += s.tree_size
             self.accepted_hist[s.accepted] += 1
             for d in range(1, min(s.accepted + 1, s.tree_depth) + 1):
                 self.reached[d] += 1
-            self.draft_s += s.draft_s
-            self.verify_s += s.verify_s
-            self.book_s += s.book_s
 
 
 def prompt_ids_for(lm: LoadedModel, sample: Sample, history: list[dict[str, str]]) -> list[int]:
@@ -132,11 +138,15 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
             "new_tokens": t.new_tokens,
             "prompts": len(samples),
             "seconds": t.seconds,
-            "verify_forwards": t.steps if t.steps else None,
+            "verify_forwards": (t.steps + sum(t.plain.values())) or None,  # drafted and plain
             "mean_tree_size": (t.tree_nodes / t.steps) if t.steps else None,
             "accepted_length_hist": hist if drafts else None,
             "accept_by_depth": by_depth if drafts else None,
-            "time_breakdown_s": None if t.steps == 0 else {
+            # the never-slower guard: steps run without drafts, why (predicted / measured slower, or timing a
+            # plain step to compare with), and their seconds; tau above counts drafted steps only
+            "guard": {"plain_steps": sum(t.plain.values()), "by_reason": dict(t.plain), "plain_s": t.plain_s,
+                      "drafted_steps": t.steps} if drafts else None,
+            "time_breakdown_s": None if t.steps + sum(t.plain.values()) == 0 else {
                 "prefill": t.prefill_s, "draft": t.draft_s, "verify": t.verify_s, "bookkeeping": t.book_s,
             },
         }
@@ -158,5 +168,6 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "sample_ids": [s.id for s in samples],
     }
+    config["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     config.update(extra or {})
     return {"config": config, "methods": report_methods}

@@ -31,6 +31,59 @@ class Kit:
     adapters: dict = field(default_factory=dict)
     head: object | None = None
     draft_length: int = 4
+    parallel: dict | None = None  # the measured parallel-prefill decision of `hybrid` (parallel_prefill_pays)
+
+
+def _median_s(fn, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def parallel_prefill_pays(kit: Kit, frames, events, question: str) -> dict:
+    """Does running the drafter's prefill beside the target's pay on this machine? Measured once per kit.
+
+    What it can save is the first drafting step of the target's own head (the drafts are ready when the
+    target's prefill ends; later steps are the head's either way). What it costs is the target's prefill
+    slowed by the drafter competing for the same cores. Run it only when the saving beats the cost: the
+    guard's rule (speculate only where measured faster), applied to the prefill."""
+    if kit.parallel is not None:
+        return kit.parallel
+    t, d = kit.target, kit.drafter
+    inputs = t.inputs(frames, question)
+    ids = inputs["input_ids"][0].tolist()
+    extra = {"pixel_values_videos": inputs["pixel_values_videos"]}
+    target = TargetModel(t.model)
+    alone = _median_s(lambda: target.prefill(ids, hidden=True, extra=extra))
+    xm = CrossModalDrafter(d, d.prompt_ids(question), to_pixels(events, d.image_size)[None], t.model.lm_head,
+                           kit.adapters.get(PP_LEVEL), kit.draft_length, t.model.config.video_token_id, parallel=True)
+
+    def both() -> None:
+        xm.begin(ids)
+        pre = target.prefill(ids, hidden=True, extra=extra)
+        xm.start(ids, pre)
+
+    beside = _median_s(both)
+    head = FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE)
+    from featspec.drafters.base import DraftContext
+    from featspec.sampling import SamplingConfig
+
+    def draft() -> None:
+        head.start(ids, target.prefill(ids, hidden=True, extra=extra))
+        t0 = time.perf_counter()
+        head.propose(DraftContext(ids + [0], max_depth=EAGLE_TREE["depth"], sampling=SamplingConfig(), generator=None))
+        draft.seconds.append(time.perf_counter() - t0)
+
+    draft.seconds = []
+    _median_s(draft)
+    saving = sorted(draft.seconds)[len(draft.seconds) // 2]
+    kit.parallel = {"runs": beside - alone < saving, "prefill_alone_s": round(alone, 4),
+                    "prefill_beside_drafter_s": round(beside, 4), "first_draft_s": round(saving, 4)}
+    return kit.parallel
 
 
 def adapter_level(method: str) -> str | None:
@@ -58,13 +111,13 @@ def make_drafter(method: str, kit: Kit, question: str, events):
     t, d = kit.target, kit.drafter
     if method == "eagle3":
         return FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE)
-    parallel = method in ("xmodal-pp", "hybrid")
+    parallel = method == "xmodal-pp" or (method == "hybrid" and kit.parallel is not None and kit.parallel["runs"])
     level = adapter_level(method)
     adapter = None if level is None else kit.adapters[level]
     xm = CrossModalDrafter(d, d.prompt_ids(question), to_pixels(events, d.image_size)[None], t.model.lm_head, adapter,
                            kit.draft_length, t.model.config.video_token_id, parallel=parallel)
-    if method == "hybrid":
-        return HybridDrafter(xm, FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE))
+    if method == "hybrid":  # without parallel prefill the head drafts from the first step: the drafter's would be late
+        return HybridDrafter(xm, FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE), switch_after=1 if parallel else 0)
     return xm
 
 
@@ -107,6 +160,9 @@ def run_bench(kit: Kit, data: SplitData, methods: list[str], limit: int, max_new
     from tqdm import tqdm
 
     check_methods(methods, kit)
+    if "hybrid" in methods:  # measured before any timing: does the drafter's parallel prefill pay here?
+        q0 = question_for(data.scenes[0], 0).question
+        parallel_prefill_pays(kit, data.frames[0], data.event_images[0], q0)
     parts = ("prefill_s", "drafter_prefill_s", "draft_s", "verify_s")
     rec = {m: {"seconds": 0.0, "tokens": 0, "exact": 0, "steps": 0, "committed": 0, "timeline": None,
                **dict.fromkeys(parts, 0.0)} for m in methods}
@@ -138,6 +194,8 @@ def run_bench(kit: Kit, data: SplitData, methods: list[str], limit: int, max_new
                      "tau": round(r["committed"] / r["steps"], 3) if r["steps"] else None,
                      "time_breakdown_s": {k: round(r[k], 3) for k in parts},
                      "seconds": round(r["seconds"], 3), "tokens": r["tokens"], "timeline_first_clip": r["timeline"]}
+        if m == "hybrid":
+            result[m]["parallel_prefill"] = kit.parallel
     return result
 
 

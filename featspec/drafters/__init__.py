@@ -29,7 +29,8 @@ class DraftOptions:
     depth: int | None = None  # tree depth (default 4; 8 with budget auto)
     topk: int = 4  # children per expanded node and nodes expanded per level
     total_tokens: int | None = None  # draft nodes kept per step (default 8; a ceiling of 32 with budget auto)
-    budget: str = "fixed"  # fixed | auto (per-step depth and budget from confidence and measured costs)
+    budget: str = "auto"  # auto (per-step depth and node count from confidence and the cost model) | fixed
+    guard: bool = True  # run steps without drafts while speculation is measured or predicted slower (guard.py)
     lookup: bool = False  # graft prompt-lookup continuations onto the drafter's tree (drafters/lookup.py)
 
     def tree_shape(self) -> tuple[int, int]:
@@ -118,10 +119,11 @@ def _build(method: str, target: LoadedModel, opts: DraftOptions) -> Drafter:
             return FeatureDrafter(head, method, static_tree=DEFAULT_STATIC_TREE)
         budget = None
         if opts.budget == "auto":
-            from featspec.budget import Budget, measure_cost_curve
+            from featspec.budget import Budget
+            from featspec.costmodel import cost_model
             from featspec.models.target import TargetModel
 
-            budget = Budget(measure_cost_curve(TargetModel(target.model)))
+            budget = Budget(cost_model(TargetModel(target.model)))
         elif opts.budget != "fixed":
             raise FeatspecError(f"unknown budget '{opts.budget}': use fixed or auto")
         depth, total = opts.tree_shape()

@@ -17,7 +17,7 @@ from featspec.crossmodal.adapters import Adapter
 from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX
 from featspec.drafters.base import DraftContext
 from featspec.drafters.small_model import ModelDrafter
-from featspec.models.kv import truncate_cache
+from featspec.models.kv import cache_kwargs, truncate_cache
 from featspec.models.target import VerifyOutput
 from featspec.tree import DraftTree
 
@@ -128,13 +128,13 @@ class CrossModalDrafter(ModelDrafter):
             t0 = time.perf_counter()
             x = torch.tensor([ids], device=self.device)
             emb = model.embed_with_events(x, self.pixels.to(self.device))
-            out = model.model(inputs_embeds=emb, past_key_values=self.cache, use_cache=True)
+            out = model.model(inputs_embeds=emb, **cache_kwargs(model.model, self.cache), use_cache=True)
             self.prefill_s += time.perf_counter() - t0
             first = len(self.prompt) - 1  # features from the last prompt position on
             h = out.last_hidden_state[0, first + self.expand:]
             fed = ids[first:]
         else:
-            out = model.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache, use_cache=True)
+            out = model.model(input_ids=torch.tensor([ids], device=self.device), **cache_kwargs(model.model, self.cache), use_cache=True)
             h = out.last_hidden_state[0]
             fed = ids
         self.cached.extend(ids)

@@ -97,13 +97,16 @@ class FeatureDrafter:
             raise RuntimeError("feature drafters need the target's hidden states (wants_hidden)")
         self.cache = self.head.new_cache()
         self.pending = self._fuse(prefill.hidden, slice(None))
-        self._end = None  # a new prompt: the prefill is no verify step
+        self._end, self._tree = None, None  # a new prompt: the prefill is no verify step
 
     @torch.inference_mode()
     def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        if self.budget is not None:  # count only what this drafter proposed: the budget calibrates its own tree
-            own = self._tree.matched([tree.tokens[i] for i in path[1:]]) if self._tree is not None else len(path) - 1
+        if self._tree is None:  # a plain step the engine's guard ran without asking us: nothing to calibrate
+            self._end = None  # and the next draft's gap is not one verify of our tree
+        elif self.budget is not None:  # count only what this drafter proposed: the budget calibrates its own tree
+            own = self._tree.matched([tree.tokens[i] for i in path[1:]])
             self.budget.update(own, self._base_s, self._level_s, self._top1, self._gap_s)
+        self._tree = None
         feats = self._fuse(out.hidden, path)
         self.pending = feats if self.pending is None else torch.cat([self.pending, feats])
 
@@ -134,6 +137,8 @@ class FeatureDrafter:
         t0 = time.perf_counter()
         root = ctx.tokens[-1]
         depth = min(self.depth, ctx.max_depth)
+        if self.budget is not None:
+            self.budget.at(len(ctx.tokens))
         # 1. feed the committed (feature, next token) pairs; keep them in the cache for good
         m = self.pending.shape[0]
         real = self.cache.length

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from featspec.drafters.base import DraftContext
 from featspec.errors import FeatspecError
-from featspec.models.kv import truncate_cache
+from featspec.models.kv import cache_kwargs, truncate_cache
 from featspec.models.target import VerifyOutput
 from featspec.sampling import process_logits, sample
 from featspec.tree import DraftTree
@@ -68,7 +68,8 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), **cache_kwargs(self.model, self.cache),
+                         use_cache=True, logits_to_keep=1)
         self.cached.extend(ids)
         return out.logits[0, -1]
 

@@ -6,8 +6,18 @@ transformers releases (a length in 4.x, a count to remove in 5.x).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
+
+
+def cache_kwargs(model: torch.nn.Module, cache: DynamicCache | None) -> dict:
+    """The cache as the keyword this transformers release reads: `cache` from 5.25 on (`past_key_values`
+    is deprecated there and removed in 5.40), `past_key_values` before. Passing the new name to an older
+    release would vanish into **kwargs and silently run without a cache, so the signature decides."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 def cache_length(cache: DynamicCache) -> int:

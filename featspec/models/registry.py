@@ -19,13 +19,9 @@ from typing import Callable
 import torch
 
 from featspec.errors import FeatspecError
+from featspec.io import cache_root
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    """Where featspec keeps derived artifacts; FEATSPEC_CACHE overrides the default."""
-    return Path(os.environ.get("FEATSPEC_CACHE", Path.home() / ".cache" / "featspec"))
 
 
 def _package_dir(module: str, pip_name: str) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from featspec.models.kv import select_cache, truncate_cache
+from featspec.models.kv import cache_kwargs, select_cache, truncate_cache
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TargetModel:
             input_ids=torch.tensor([ids], device=self.device),
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             use_cache=True,
             output_hidden_states=hidden,
             logits_to_keep=keep,
@@ -104,6 +104,10 @@ class TargetModel:
             mask = self.tree_mask(tree)
         logits, hs = self._forward(tree.tokens, positions, mask, hidden)
         return VerifyOutput(logits, hs)
+
+    def rollback(self) -> None:
+        """Drop whatever a verify added beyond the committed tokens (used to time verifies in place)."""
+        truncate_cache(self.cache, self.length)
 
     def commit(self, path: list[int]) -> None:
         """Keep the prefix plus the accepted tree nodes `path` (node indices, root first) in the cache."""
