@@ -267,8 +267,8 @@ def cmd_generate(args) -> int:
 
     hf = HFMethod("hf", lm, sampling) if args.compare else None
     if hf is not None:  # warm both paths up so neither pays one-time costs in the comparison
-        hf.run(ids, 8, args.seed)
-        gen.generate(ids, 8, sampling, seed=args.seed)
+        hf.run(ids, 16, args.seed)
+        gen.generate(ids, 16, sampling, seed=args.seed)
 
     shown = ""
 

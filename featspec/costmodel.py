@@ -35,7 +35,7 @@ from featspec.tree import DraftTree
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 CONTEXTS = (64, 256, 1024)
 _GREEDY = SamplingConfig()
-VERSION = 1  # bump when what is measured changes: older cache files are then measured again
+VERSION = 2  # bump when what is measured changes: older cache files are then measured again
 
 # Acceptance prior of a trained feature head before anything is measured: the rank-r child of an accepted
 # node is the target's token with probability RANK_ACCEPT[r]. Close to the shipped EAGLE-3 head on MT-bench
@@ -157,7 +157,7 @@ def _random_tree(n: int, vocab: int, gen: torch.Generator) -> DraftTree:
     return DraftTree(torch.randint(0, vocab, (n,), generator=gen).tolist(), parents)
 
 
-def measure_verify(target, contexts=CONTEXTS, sizes=SIZES, repeats: int = 3, progress: bool = True) -> tuple[list, list, list]:
+def measure_verify(target, contexts=CONTEXTS, sizes=SIZES, repeats: int = 2, progress: bool = True) -> tuple[list, list, list]:
     """Median seconds of one verify forward (hidden states on, as feature drafters ask) per context and size.
 
     Each context is prefilled once with random tokens; every timed verify is rolled back, so all sizes see

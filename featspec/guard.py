@@ -7,7 +7,8 @@ Before a plain step has been measured, the cost model's 1-token verify time stan
 predicted speedup below 1 (the cost model with the acceptance prior, `costmodel.predict`) starts the run
 plain.
 
-While the running speedup over the last `window` drafted steps is below 1, the engine decodes `backoff`
+The first `warmup` drafted steps of a generator are not judged (a process's first forwards of each tree
+shape build kernels and run slow). While the running speedup over the last `window` drafted steps is below 1, the engine decodes `backoff`
 steps without drafts (the root alone: one ordinary decoding step), then probes speculation again for
 `window` steps; every failed probe doubles the backoff (up to `max_backoff`), a good one resets it. A plain
 step commits exactly the token a drafted step would have (greedy: the argmax; sampling: a draw from the
@@ -27,6 +28,7 @@ class Guard:
     plain_prior_s: float | None = None  # a plain step's seconds before one is measured (the cost model's T(1))
     predicted: float | None = None  # the cost model's predicted speedup; < 1 starts plain
     keep: float = 0.95  # weight of older measurements in the running means (~20 steps)
+    warmup: int = 8  # first drafted steps of a generator, not judged: kernels for new tree shapes are being built
     # state
     plain_left: int = 0  # plain steps still to run before the next probe
     reason: str = ""  # why the current plain stretch runs: "predicted" or "measured"
@@ -65,6 +67,9 @@ class Guard:
             if self.plain_left == 0:  # probe: fresh evidence for the next decision
                 self._spec_tokens = self._spec_s = 0.0
                 self._spec_n = 0
+            return
+        if self.warmup > 0:
+            self.warmup -= 1
             return
         self._spec_tokens = self.keep * self._spec_tokens + committed
         self._spec_s = self.keep * self._spec_s + seconds

@@ -303,14 +303,15 @@ def test_eagle_sampling_is_lossless(kind):
         grafted = []
         orig = drafter.start
         drafter.start = lambda *a: (grafted.extend(drafter.grafted), orig(*a))
-    counts, accepted = run_seeds(target, drafter, cfg, 4, range(N_SEEDS // 2))  # 5000 runs: ~25 s each kind
+    runs = N_SEEDS // 2
+    counts, accepted = run_seeds(target, drafter, cfg, 4, range(runs))
     pvalue, outside = chi2(counts, exact)
     assert outside == 0
     assert pvalue > MIN_P, pvalue
     hist = Counter(accepted)
-    assert hist[0] > 300 and hist[1] > 300, hist  # rejections and acceptances both exercised
+    assert min(hist[0], hist[1]) > len(accepted) / 50, hist  # rejections and acceptances both exercised
     if kind.endswith("lookup"):
-        assert sum(n > 0 for n in grafted) > 300, Counter(grafted)  # grafts were verified often
+        assert sum(n > 0 for n in grafted) > runs / 20, Counter(grafted)  # grafts were verified often
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
@@ -323,7 +324,7 @@ def test_guard_plain_steps_keep_the_head_in_sync(trained, name):
     committed, drafted, plain = 0, 0, 0
     for prompt in prompts:
         # a plain step priced at 0 s makes every probe fail: 2 drafted steps, then 3 plain, and again
-        guard = Guard(window=2, backoff=3, max_backoff=3, plain_prior_s=0.0)
+        guard = Guard(window=2, backoff=3, max_backoff=3, plain_prior_s=0.0, warmup=0)
         res = SpeculativeGenerator(TargetModel(model), FeatureDrafter(h3, "eagle3"), EOS, guard=guard).generate(prompt, 40)
         assert res.new_ids == hf_greedy(model, prompt, 40)
         plain += res.plain_steps

@@ -19,7 +19,7 @@ EOS = [2]
 
 
 def test_guard_backs_off_when_drafting_measures_slower_and_probes_again():
-    g = Guard(window=4, backoff=3, plain_prior_s=1.0)
+    g = Guard(window=4, backoff=3, plain_prior_s=1.0, warmup=0)
     assert g.drafting()
     for _ in range(4):  # 1 token per 2 s against 1 token per 1 s plain: 0.5x
         g.record(True, 1, 2.0)
@@ -41,13 +41,13 @@ def test_guard_backs_off_when_drafting_measures_slower_and_probes_again():
 
 
 def test_guard_starts_plain_when_predicted_slower_and_measures_plain_steps():
-    g = Guard(window=2, backoff=5, predicted=0.7)
+    g = Guard(window=2, backoff=5, predicted=0.7, warmup=0)
     assert not g.drafting() and g.reason == "predicted"
     for _ in range(5):
         g.record(False, 1, 0.5)
     assert g.drafting() and g.plain_s() == pytest.approx(0.5)
     # without a cost model and without a plain step, the guard times two plain steps before it judges
-    blind = Guard(window=2)
+    blind = Guard(window=2, warmup=0)
     blind.record(True, 2, 1.0)
     blind.record(True, 2, 1.0)
     assert not blind.drafting() and blind.reason == "measure" and blind.plain_left == 2
@@ -75,6 +75,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 def test_guard_stops_a_slow_drafter_and_keeps_the_output(tiny):
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
     guard = Guard(window=4, backoff=8)
+    assert guard.warmup == 8  # the first 8 drafted steps are not judged: 4 more make the first decision
     gen = SpeculativeGenerator(TargetModel(tiny), SlowNgram(), EOS, guard=guard)
     res = gen.generate(prompt, 60)
     assert res.new_ids == hf_greedy(tiny, prompt, 60)

@@ -2,7 +2,7 @@
 
 End to end: on a tiny small-vocabulary model the exact joint distribution of the first generated
 tokens is computed by enumeration (process_logits over the target's logits), then SpeculativeGenerator
-is run with 10^4 seeds and the empirical joint histogram is compared with a chi-square test. Negative
+is run with 4,000 seeds and the empirical joint histogram is compared with a chi-square test. Negative
 controls show the test has the power to catch wrong acceptance rules. Plus direct unit tests of
 verify_sampling on synthetic p/q, and of process_logits against transformers' own warpers.
 
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 10
 PROMPT = [1, 5, 3]
-N_SEEDS = 10_000
+N_SEEDS = 4_000  # the negative controls below fail at p < 1e-6 with 1,000
 MIN_P = 1e-3
 
 
@@ -224,7 +224,7 @@ def test_iid_sibling_drafts_are_lossless(small_target):
     pvalue, outside = chi2(counts, exact)
     assert outside == 0
     assert pvalue > MIN_P, pvalue
-    assert 0.2 < sum(accepted) / len(accepted) < 0.95
+    assert 0.1 < sum(accepted) / len(accepted) < 0.95  # both outcomes are exercised
 
 
 # ---------------------------------------------------------------- negative controls (the test has power)
