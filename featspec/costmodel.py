@@ -35,7 +35,7 @@ from featspec.tree import DraftTree
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 CONTEXTS = (64, 256, 1024)
 _GREEDY = SamplingConfig()
-VERSION = 2  # bump when what is measured changes: older cache files are then measured again
+VERSION = 4  # bump when what is measured changes: older cache files are then measured again
 
 # Acceptance prior of a trained feature head before anything is measured: the rank-r child of an accepted
 # node is the target's token with probability RANK_ACCEPT[r]. Close to the shipped EAGLE-3 head on MT-bench
@@ -230,25 +230,33 @@ def drafter_id(drafter) -> str | None:
 
 @torch.inference_mode()
 def measure_drafter(drafter, target, context: int = 256, repeats: int = 3) -> dict:
-    """Seconds a depth-d dynamic tree costs the drafter, split into before the first level and per level:
-    propose() timed at depth 1 and 4 after a `context`-token random prefill (budget off while measuring)."""
+    """Seconds one drafting step costs, split into before the first level and per level: steady-state
+    propose() timed at depth 1 and 4 after a `context`-token random prompt (its one-off feeding is not
+    timed), each step after a verify that commits one token, as the engine runs it (budget off meanwhile)."""
+    from featspec.drafters.base import DraftContext
+
     gen = torch.Generator().manual_seed(1)
     context = min(context, target.max_length // 2)
     prompt = torch.randint(0, target.config.vocab_size, (context,), generator=gen).tolist()
     depth, budget = drafter.depth, getattr(drafter, "budget", None)
-    from featspec.drafters.base import DraftContext
-
     times = {}
     try:
         drafter.budget = None
+        pre = target.prefill(prompt, hidden=True)
+        drafter.start(prompt, pre)
+        tokens = prompt + [int(pre.logits[-1].argmax())]
+        tree = drafter.propose(DraftContext(tokens, max_depth=1, sampling=_GREEDY, generator=None))  # feeds the prompt
         for d in (1, 4):
             drafter.depth = d
             runs = []
             for r in range(repeats + 1):
-                pre = target.prefill(prompt, hidden=True)
-                drafter.start(prompt, pre)
+                out = target.verify(tree, hidden=True)
+                target.commit([0])
+                bonus = int(out.logits[0].argmax())
+                drafter.observe(tree, [0], bonus, out)
+                tokens.append(bonus)
                 t0 = time.perf_counter()
-                drafter.propose(DraftContext(prompt, max_depth=d, sampling=_GREEDY, generator=None))
+                tree = drafter.propose(DraftContext(tokens, max_depth=d, sampling=_GREEDY, generator=None))
                 _sync(target.device)
                 if r:
                     runs.append(time.perf_counter() - t0)
@@ -256,7 +264,7 @@ def measure_drafter(drafter, target, context: int = 256, repeats: int = 3) -> di
     finally:
         drafter.depth, drafter.budget = depth, budget
     level = max(0.0, (times[4] - times[1]) / 3)
-    return {"base_s": max(0.0, times[1] - level), "level_s": level, "context": context}
+    return {"base_s": times[1], "level_s": level, "context": context}  # depth d costs base + (d - 1) * level
 
 
 def drafter_costs(costs: CostModel, drafter, target) -> dict | None:
@@ -304,8 +312,9 @@ class Prediction:
 
 
 def predict(costs: CostModel, context: int, draft: dict | None, nodes: list[tuple[float, int]] | None = None,
-            max_nodes: int = 64) -> Prediction:
-    """Best node count n for E(n) / (T(n + 1) + drafting to the deepest kept node), from the prior by default."""
+            max_nodes: int = 64, min_nodes: int = 0) -> Prediction:
+    """Best node count n >= min_nodes for E(n) / (T(n + 1) + drafting to the deepest kept node), from the
+    prior by default (n = 0: plain decoding; min_nodes=1 asks what the best drafting would reach)."""
     nodes = prior_nodes() if nodes is None else nodes
     curve = costs.curve(context)
     base = draft["base_s"] if draft else 0.0
@@ -316,8 +325,10 @@ def predict(costs: CostModel, context: int, draft: dict | None, nodes: list[tupl
         expected += p
         deepest = max(deepest, d)
         step = curve(n + 1) + base + level * (deepest - 1)
+        if n < min_nodes:
+            continue
         cand = Prediction(n, deepest, expected, step, curve(1))
-        if cand.expected_tokens / cand.step_s > best.expected_tokens / best.step_s:
+        if n == min_nodes or cand.expected_tokens / cand.step_s > best.expected_tokens / best.step_s:
             best = cand
     return best
 

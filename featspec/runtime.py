@@ -28,6 +28,6 @@ def build_generator(method: str, lm: LoadedModel, opts: DraftOptions | None = No
         budget = getattr(inner, "budget", None)
         if budget is not None and draft is not None:  # start from measured drafting costs, not from zero
             budget.base_s, budget.level_s = draft["base_s"], draft["level_s"]
-        predicted = predict(costs, PRIOR_CONTEXT, draft).speedup if draft is not None else None
+        predicted = predict(costs, PRIOR_CONTEXT, draft, min_nodes=1).speedup if draft is not None else None
         guard = Guard(plain_prior_s=costs.curve(PRIOR_CONTEXT)(1), predicted=predicted)
     return SpeculativeGenerator(target, drafter, eos_token_ids(lm.model, lm.tokenizer), lm.tokenizer, guard)
