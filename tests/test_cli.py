@@ -132,7 +132,30 @@ def test_bench_writes_report_from_local_dir(tiny_local_model, tmp_path, capsys):
     assert report["methods"]["vanilla"]["exact_match"] == 1.0 and report["methods"]["ngram"]["exact_match"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "| ngram |" in out.with_suffix(".md").read_text()
+    # the report says what it ran under: the CPU, how the dtype was chosen, the cost model, the guard's steps
+    cfg = report["config"]
+    assert cfg["cpu_capability"] and cfg["dtype_choice"] == "float32 (--dtype)"
+    assert cfg["cost_model"]["key"]["dtype"] == "float32" and cfg["cost_model"]["seconds"]
+    guard = report["methods"]["ngram"]["guard"]
+    assert set(guard) == {"plain_steps", "by_reason", "plain_s", "drafted_steps"} and report["methods"]["hf"]["guard"] is None
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.real
+def test_calibrate_and_dtype_auto_on_a_local_model(tiny_local_model, tmp_path, monkeypatch, capsys):
+    """`calibrate` measures both dtypes, prints the table, the ceiling and the dtype auto picks, and draws the
+    curves; `generate --dtype auto` then reads the same cost model and says in one line which dtype and why."""
+    monkeypatch.setenv("FEATSPEC_CACHE", str(tmp_path / "cache"))
+    png = tmp_path / "cal.png"
+    assert main(["calibrate", "--target", str(tiny_local_model), "--method", "ngram", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "## float32" in out and "## bfloat16" in out and "ceiling" in out and "--dtype auto picks" in out
+    assert png.stat().st_size > 10_000 and len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 2
+    assert main(["generate", "--target", str(tiny_local_model), "--prompt", "Hi", "--method", "ngram",
+                 "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    picked = [line for line in err.splitlines() if line.startswith("featspec: --dtype auto -> ")]
+    assert len(picked) == 1 and "predicted" in picked[0] and "measuring" not in err  # read from the cache
 
 
 def test_head_for_another_target_names_both_sizes(tmp_path, capsys):
