@@ -30,7 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/featspec bench --target smollm2-135m --dataset mt-bench --limit 10 --max-new-tokens 128 \
-		--dtype bfloat16 --methods hf,hf-pld,vanilla,ngram,model --json results/bench-smollm2-bf16.json
+		--methods hf,hf-pld,vanilla,ngram,eagle3 --json results/bench-smollm2.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
