@@ -8,16 +8,14 @@ ceiling `E(n) * T(1) / T(step)` for each tree size: what speculation can reach h
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
-from featspec.costmodel import (CONTEXTS, DTYPE_NAMES, CostModel, ceiling_table, cost_model, drafter_costs, predict)
+from featspec.costmodel import CONTEXTS, DTYPE_NAMES, CostModel, ceiling_table, fastest, measure_dtype, predict
 from featspec.drafters import DraftOptions, build_drafter
 from featspec.models import load_model
 from featspec.models.registry import LoadedModel
-from featspec.models.target import TargetModel
 
 REPORT_CONTEXT = 256
 
@@ -39,15 +37,12 @@ def run_calibrate(target_spec: str, method: str, head: str | None, dtypes: list[
     device = torch.cuda.get_device_name() if lm32.device.type == "cuda" else f"CPU {cap}"
     print(f"cost model of {target_spec} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     results = {}
+    make = None
+    if method != "vanilla":
+        opts = DraftOptions(head=head, budget="fixed", guard=False)
+        make = lambda m: build_drafter(method, LoadedModel(lm32.spec, m, lm32.tokenizer), opts)  # noqa: E731
     for dtype in dtypes:
-        model = lm32.model if dtype == torch.float32 else copy.deepcopy(lm32.model).to(dtype)
-        target = TargetModel(model)
-        costs = cost_model(target, use_cache=not force)
-        drafter = None
-        if method != "vanilla":
-            drafter = build_drafter(method, LoadedModel(lm32.spec, model, lm32.tokenizer),
-                                    DraftOptions(head=head, budget="fixed", guard=False))
-        draft = drafter_costs(costs, drafter, target) if drafter is not None else None
+        costs, draft = measure_dtype(lm32.model, dtype, make, use_cache=not force)
         name = DTYPE_NAMES[dtype]
         print(f"\n## {name}: verify forward (one sequence, hidden states on), cached at {costs.path}")
         print("\n".join(_table(costs)))
@@ -66,9 +61,8 @@ def run_calibrate(target_spec: str, method: str, head: str | None, dtypes: list[
         print(f"best tree: {pred.nodes} draft nodes, depth {pred.depth}: predicted {pred.speedup:.2f}x over plain "
               f"decoding ({pred.tokens_per_s:.1f} tok/s; plain {1 / pred.plain_s:.1f} tok/s)")
         results[name] = {"costs": costs, "draft": draft, "prediction": pred}
-        del model
     if len(results) > 1:
-        best = max(results, key=lambda k: results[k]["prediction"].tokens_per_s)
+        best = fastest({k: v["prediction"] for k, v in results.items()})
         rates = ", ".join(f"{k} {v['prediction'].tokens_per_s:.1f} tok/s" for k, v in results.items())
         print(f"\n--dtype auto picks {best} on this machine (predicted {rates})")
     _plot(results, png, f"{target_spec} on {device}, {torch.get_num_threads()} threads")

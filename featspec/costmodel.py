@@ -311,29 +311,55 @@ class Prediction:
         return max(self.expected_tokens / self.step_s, 1.0 / self.plain_s)
 
 
-def predict(costs: CostModel, context: int, draft: dict | None, nodes: list[tuple[float, int]] | None = None,
-            max_nodes: int = 64, min_nodes: int = 0) -> Prediction:
-    """Best node count n >= min_nodes for E(n) / (T(n + 1) + drafting to the deepest kept node), from the
-    prior by default (n = 0: plain decoding; min_nodes=1 asks what the best drafting would reach)."""
+def trees(costs: CostModel, context: int, draft: dict | None, nodes: list[tuple[float, int]] | None = None,
+          max_nodes: int = 64) -> list[Prediction]:
+    """What keeping the n best `nodes` (the prior's by default) promises, for n = 1 .. max_nodes: E(n) over
+    T(n + 1) plus drafting down to the deepest kept node."""
     nodes = prior_nodes() if nodes is None else nodes
     curve = costs.curve(context)
     base = draft["base_s"] if draft else 0.0
     level = draft["level_s"] if draft else 0.0
-    best = Prediction(0, 0, 1.0, curve(1), curve(1))
-    expected, deepest = 1.0, 0
+    out, expected, deepest = [], 1.0, 0
     for n, (p, d) in enumerate(nodes[:max_nodes], start=1):
         expected += p
         deepest = max(deepest, d)
-        step = curve(n + 1) + base + level * (deepest - 1)
-        if n < min_nodes:
+        out.append(Prediction(n, deepest, expected, curve(n + 1) + base + level * (deepest - 1), curve(1)))
+    return out
+
+
+def predict(costs: CostModel, context: int, draft: dict | None, nodes: list[tuple[float, int]] | None = None,
+            max_nodes: int = 64, min_nodes: int = 0) -> Prediction:
+    """The best of `trees` with n >= min_nodes (n = 0: plain decoding; min_nodes=1 asks what the best
+    drafting would reach)."""
+    plain_s = costs.curve(context)(1)
+    best = Prediction(0, 0, 1.0, plain_s, plain_s)
+    for cand in trees(costs, context, draft, nodes, max_nodes):
+        if cand.nodes < min_nodes:
             continue
-        cand = Prediction(n, deepest, expected, step, curve(1))
-        if n == min_nodes or cand.expected_tokens / cand.step_s > best.expected_tokens / best.step_s:
+        if cand.nodes == min_nodes or cand.expected_tokens / cand.step_s > best.expected_tokens / best.step_s:
             best = cand
     return best
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def measure_dtype(model: torch.nn.Module, dtype: torch.dtype, make_drafter: Callable | None = None,
+                  use_cache: bool = True, progress: bool = True) -> tuple[CostModel, dict | None]:
+    """The cost model of the float32 `model` in `dtype` (a copy for another dtype) and, if `make_drafter(model)`
+    builds one, its drafter's costs. The drafter is built first, so a bad head fails before any measuring."""
+    from featspec.models.target import TargetModel
+
+    m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    drafter = make_drafter(m) if make_drafter is not None else None
+    target = TargetModel(m)
+    costs = cost_model(target, use_cache=use_cache, progress=progress)
+    return costs, drafter_costs(costs, drafter, target) if drafter is not None else None
+
+
+def fastest(preds: dict[str, Prediction]) -> str:
+    """The dtype name whose prediction runs most tokens per second (speculating or not)."""
+    return max(preds, key=lambda k: preds[k].tokens_per_s)
 
 
 def choose_dtype(model: torch.nn.Module, make_drafter: Callable | None = None, context: int = 256,
@@ -343,22 +369,15 @@ def choose_dtype(model: torch.nn.Module, make_drafter: Callable | None = None, c
     `model` is the float32 target; a bfloat16 copy is measured beside it. `make_drafter(model)` builds the
     drafter the run will use (its drafting cost is part of the prediction). On CUDA bfloat16 is taken when the
     device supports it, without measuring: its tensor cores make it the faster dtype there."""
-    from featspec.models.target import TargetModel
-
     if next(model.parameters()).device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, f"bfloat16: CUDA device {torch.cuda.get_device_name()} supports it natively", {}
         return torch.float32, "float32: this CUDA device has no native bfloat16", {}
-    preds: dict[str, Prediction] = {}
+    preds = {}
     for dtype in (torch.float32, torch.bfloat16):
-        m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-        drafter = make_drafter(m) if make_drafter is not None else None  # a bad head fails before any measuring
-        target = TargetModel(m)
-        costs = cost_model(target, progress=progress)
-        draft = drafter_costs(costs, drafter, target) if drafter is not None else None
+        costs, draft = measure_dtype(model, dtype, make_drafter, progress=progress)
         preds[DTYPE_NAMES[dtype]] = predict(costs, context, draft)
-        del m
-    fast = max(preds, key=lambda k: preds[k].tokens_per_s)
+    fast = fastest(preds)
     other = next(k for k in preds if k != fast)
     cap = torch.backends.cpu.get_cpu_capability()
     reason = (f"{fast}: predicted {preds[fast].tokens_per_s:.1f} tok/s vs {other} {preds[other].tokens_per_s:.1f} "
@@ -368,18 +387,13 @@ def choose_dtype(model: torch.nn.Module, make_drafter: Callable | None = None, c
 
 
 def ceiling_table(costs: CostModel, context: int, draft: dict | None) -> list[tuple[int, int, float, float, float]]:
-    """(nodes, depth, E(n), T(step) / T(1), ceiling) for each measured size under the prior."""
-    nodes = prior_nodes()
-    curve = costs.curve(context)
-    rows = []
-    for n in costs.sizes:
-        if n - 1 > len(nodes):
+    """(tree nodes n with the root, depth, E(n), T(step) / T(1), ceiling) for each measured size under the prior."""
+    plain_s = costs.curve(context)(1)
+    rows = [(1, 0, 1.0, 1.0, 1.0)]  # the root alone: plain decoding
+    by_nodes = {p.nodes: p for p in trees(costs, context, draft)}
+    for n in costs.sizes[1:]:
+        if n - 1 not in by_nodes:
             break
-        kept = nodes[: n - 1]
-        e = 1.0 + sum(p for p, _ in kept)
-        depth = max((d for _, d in kept), default=0)
-        step = curve(n) + ((draft["base_s"] + draft["level_s"] * (depth - 1)) if draft and depth else 0.0)
-        rows.append((n, depth, e, step / curve(1), e * curve(1) / step))
+        p = by_nodes[n - 1]
+        rows.append((n, p.depth, p.expected_tokens, p.step_s / plain_s, p.speedup))
     return rows
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,14 @@ class Kit:
 
 
 def _median_s(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
+    """Median wall time of `fn` over `repeats` calls after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def parallel_prefill_pays(kit: Kit, frames, events, question: str) -> dict:
@@ -72,15 +74,14 @@ def parallel_prefill_pays(kit: Kit, frames, events, question: str) -> dict:
     from featspec.drafters.base import DraftContext
     from featspec.sampling import SamplingConfig
 
-    def draft() -> None:
+    def first_draft() -> float:
         head.start(ids, target.prefill(ids, hidden=True, extra=extra))
         t0 = time.perf_counter()
         head.propose(DraftContext(ids + [0], max_depth=EAGLE_TREE["depth"], sampling=SamplingConfig(), generator=None))
-        draft.seconds.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
-    draft.seconds = []
-    _median_s(draft)
-    saving = sorted(draft.seconds)[len(draft.seconds) // 2]
+    first_draft()  # warm-up
+    saving = statistics.median(first_draft() for _ in range(3))
     kit.parallel = {"runs": beside - alone < saving, "prefill_alone_s": round(alone, 4),
                     "prefill_beside_drafter_s": round(beside, 4), "first_draft_s": round(saving, 4)}
     return kit.parallel
