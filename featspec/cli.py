@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="hf,vanilla,ngram", help=f"comma list from {', '.join(METHODS)}")
     b.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all methods before timing (default 1)")
     b.add_argument("--json", default="bench.json", help="where to write the JSON report (a .png and .md go beside it)")
+    b.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="for methods llamacpp, llamacpp-eagle3: a llama.cpp source tree with its build (default: the "
+                        "pinned one `make llamacpp` builds into the featspec cache)")
+    b.add_argument("--llama-cpp-draft", default="auto", metavar="auto|none|N_MAX[,P_MIN]",
+                   help="draft flags of llamacpp-eagle3: auto (default) sweeps --spec-draft-n-max x --spec-draft-p-min "
+                        "on prompts outside the benchmarked ones and keeps the fastest, or none when no setting beats "
+                        "the target alone; none runs without the head; N_MAX[,P_MIN] forces a setting")
     c = sub.add_parser("calibrate", help="measure this machine's cost model (verify cost per tree size, context, dtype; "
                                          "drafting cost) and print the speedup ceiling it implies")
     c.add_argument("--target", default=b.get_default("target"), help="model alias, local HF directory or hub id")
@@ -352,7 +359,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_bench(args) -> int:
     from featspec.bench.datasets import load_dataset
-    from featspec.bench.methods import HF_METHODS, base_method, parse_methods
+    from featspec.bench.methods import HF_METHODS, LLAMACPP_METHODS, base_method, parse_methods
     from featspec.bench.report import markdown_table, write_json, write_plot
     from featspec.bench.runner import run_bench
     from featspec.costmodel import cost_model
@@ -364,11 +371,25 @@ def cmd_bench(args) -> int:
     for m in methods:
         check_lookup(m, args.lookup)
     samples = load_dataset(args.dataset, args.limit)
-    drafting = [base_method(m) for m in methods if m not in HF_METHODS and m != "vanilla"]
+    llama = None
+    if any(m in LLAMACPP_METHODS for m in methods):
+        from featspec.llamacpp.bench import parse_draft
+        from featspec.llamacpp.source import resolve_tree
+
+        resolve_tree(args.llama_cpp)  # no llama.cpp: one line saying how to get it, before a model loads
+        parse_draft(args.llama_cpp_draft)
+        llama = {"dir": args.llama_cpp, "draft": args.llama_cpp_draft}
+    drafting = [base_method(m) for m in methods if m not in HF_METHODS + LLAMACPP_METHODS and m != "vanilla"]
     # --dtype auto prices the first feature drafter benched (else the first drafter): the dtype serves them all
     lead = next((m for m in drafting if m.startswith("eagle")), drafting[0] if drafting else None)
     lm = _load_target(args, lead)
     dtype_note = _settle_dtype(args, lm, lead)
+    if llama is not None and llama["draft"] == "auto":
+        from featspec.bench.runner import prompt_ids_for
+
+        # tune llama.cpp's draft flags on the dataset's next prompts, never on the benchmarked ones
+        spare = load_dataset(args.dataset)[args.limit:args.limit + 4] or samples[:2]
+        llama["tune_prompts"] = [prompt_ids_for(lm, s, [{"role": "user", "content": s.turns[0]}]) for s in spare]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     report = run_bench(
         lm, samples, methods, args.max_new_tokens, sampling, seed=args.seed,
@@ -376,6 +397,7 @@ def cmd_bench(args) -> int:
         config_extra={"dataset": args.dataset, "limit": args.limit, "started": started, "dtype_choice": dtype_note,
                       "command": "featspec " + " ".join(sys.argv[1:]),
                       "cost_model": cost_model(TargetModel(lm.model)).summary()},
+        llama=llama,
     )
     json_path = Path(args.json)
     write_json(report, json_path)

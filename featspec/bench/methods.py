@@ -28,7 +28,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "eagle3-auto-lookup": ("eagle3", {"budget": "auto", "lookup": True}),
     "eagle3-fixed-lookup": ("eagle3", {"budget": "fixed", "lookup": True}),
 }
-METHODS = HF_METHODS + DRAFT_METHODS + tuple(VARIANTS)
+# llama.cpp beside featspec (featspec/llamacpp): the target alone, and with the EAGLE-3 head as draft
+from featspec.llamacpp.bench import LLAMACPP_METHODS  # noqa: E402
+
+METHODS = HF_METHODS + DRAFT_METHODS + tuple(VARIANTS) + LLAMACPP_METHODS
 PLD_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
 
 
@@ -106,7 +109,13 @@ def base_method(name: str) -> str:
     return VARIANTS[name][0] if name in VARIANTS else name
 
 
-def build_method(name: str, lm: LoadedModel, sampling: SamplingConfig, opts: DraftOptions | None = None):
+def build_method(name: str, lm: LoadedModel, sampling: SamplingConfig, opts: DraftOptions | None = None,
+                 llama=None):
+    """`llama`: the run's LlamaCppSession, which serves the llamacpp* methods."""
     if name in HF_METHODS:
         return HFMethod(name, lm, sampling)
+    if name in LLAMACPP_METHODS:
+        from featspec.llamacpp.bench import LlamaCppMethod
+
+        return LlamaCppMethod(name, llama, sampling)
     return EngineMethod(name, lm, sampling, opts or DraftOptions())

@@ -16,14 +16,23 @@ def markdown_table(report: dict) -> str:
         "| method | tokens/s | speedup vs hf | tau | exact match | new tokens | mean tree | plain steps (guard) | accept by depth |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    llama = any(m.get("speedup_vs_llamacpp") is not None for m in report["methods"].values())
+    if llama:  # llama.cpp beside featspec: its speedup column, and agreement with hf across engines
+        rows = [rows[0].replace("| speedup vs hf |", "| speedup vs hf | vs llamacpp |").replace(
+            "| exact match |", "| exact match | agrees with hf |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in report["methods"].items():
         g = m.get("guard")
         plain = "-" if not g else f"{g['plain_steps']} / {g['plain_steps'] + g['drafted_steps']}"
+        speed = _fmt(m['speedup'], '.2f') + (f" | {_fmt(m.get('speedup_vs_llamacpp'), '.2f')}" if llama else "")
+        exact = _fmt(m['exact_match'], '.2f') + (f" | {_fmt(m.get('agreement_with_hf'), '.2f')}" if llama else "")
         rows.append(
-            f"| {name} | {m['tokens_per_s']:.1f} | {_fmt(m['speedup'], '.2f')} | {_fmt(m['tau'], '.2f')} | "
-            f"{_fmt(m['exact_match'], '.2f')} | {m['new_tokens']} | {_fmt(m['mean_tree_size'], '.1f')} | {plain} | "
+            f"| {name} | {m['tokens_per_s']:.1f} | {speed} | {_fmt(m['tau'], '.2f')} | "
+            f"{exact} | {m['new_tokens']} | {_fmt(m['mean_tree_size'], '.1f')} | {plain} | "
             f"{' '.join(format(a, '.2f') for a in (m.get('accept_by_depth') or [])[:8]) or '-'} |"
         )
+    flags = (report["config"].get("llamacpp") or {}).get("verdict")
+    if flags:
+        rows.append(f"\nllama.cpp: {flags}; command: `{report['config']['llamacpp']['command']}`")
     return "\n".join(rows)
 
 

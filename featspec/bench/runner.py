@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from featspec.bench.datasets import Sample
 from featspec.bench.methods import RunRecord, build_method
+from featspec.llamacpp.bench import LLAMACPP_METHODS
 from featspec.drafters import DraftOptions
 from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel
@@ -44,6 +45,9 @@ class MethodTotals:
         self.new_tokens += len(rec.new_ids)
         self.seconds += rec.seconds
         res = rec.result
+        if "drafts" in rec.extra:  # llama.cpp: drafted steps and accepted tokens from its counters
+            self.steps += rec.extra["drafts"]
+            self.committed += rec.extra["accepted"] + rec.extra["drafts"]
         if res is None:
             return
         self.prefill_s += res.prefill_s
@@ -79,12 +83,32 @@ def run_bench(
     opts: DraftOptions | None = None,
     warmup: int = 1,
     config_extra: dict | None = None,
+    llama: dict | None = None,
 ) -> dict:
-    """Run the benchmark and return the JSON-ready report."""
+    """Run the benchmark and return the JSON-ready report. `llama`: LlamaCppSession arguments (dir, draft,
+    tune prompts) for the llamacpp* methods; their servers are stopped on every exit path."""
     if not samples:
         raise FeatspecError("the dataset selection is empty: raise --limit or pick another dataset")
     opts = opts or DraftOptions()
-    runners = {m: build_method(m, lm, sampling, opts) for m in methods}
+    session = None
+    if any(m in LLAMACPP_METHODS for m in methods):
+        from featspec.llamacpp.bench import LlamaCppSession
+
+        llama = dict(llama or {})
+        session = LlamaCppSession(lm, llama.pop("dir", None), opts.head, **llama)
+    try:
+        runners = {m: build_method(m, lm, sampling, opts, session) for m in methods}
+        report = _run(lm, samples, methods, runners, max_new_tokens, sampling, seed, warmup)
+    finally:
+        if session is not None:
+            session.close()
+    extra = dict(config_extra or {})
+    if session is not None:
+        extra["llamacpp"] = session.report()
+    return make_report(lm, samples, methods, report, max_new_tokens, sampling, seed, opts, extra)
+
+
+def _run(lm, samples, methods, runners, max_new_tokens, sampling, seed, warmup) -> dict[str, MethodTotals]:
     totals = {m: MethodTotals() for m in methods}
 
     warm_ids = prompt_ids_for(lm, samples[0], [{"role": "user", "content": samples[0].turns[0]}])
@@ -109,20 +133,29 @@ def run_bench(
             bar.update(1)
             bar.set_postfix_str(f"{m} {totals[m].new_tokens / max(totals[m].seconds, 1e-9):.1f} tok/s")
     bar.close()
-    return make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, opts, config_extra)
+    return totals
 
 
 def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, opts: DraftOptions, extra) -> dict:
     base = totals.get("hf")
     base_tps = base.new_tokens / base.seconds if base and base.seconds > 0 else None
+    llama = totals.get("llamacpp")
+    llama_tps = llama.new_tokens / llama.seconds if llama and llama.seconds > 0 else None
+
+    def agree(t: MethodTotals, ref: MethodTotals | None) -> float | None:
+        if ref is None or not sampling.greedy:
+            return None
+        return sum(a == b for a, b in zip(t.outputs, ref.outputs)) / len(samples)
+
     report_methods = {}
     for m in methods:
         t = totals[m]
         tps = t.new_tokens / t.seconds if t.seconds > 0 else 0.0
-        drafts = m not in ("hf", "hf-pld", "vanilla")
-        exact = None
-        if base is not None and sampling.greedy:
-            exact = sum(a == b for a, b in zip(t.outputs, base.outputs)) / len(samples)
+        drafts = m not in ("hf", "hf-pld", "vanilla", "llamacpp")
+        engine = m not in LLAMACPP_METHODS  # featspec's engine: tree stats and the guard
+        # lossless check within one engine: llamacpp-eagle3 against llamacpp (two engines' kernels may round
+        # differently, so agreement with hf is reported beside it); everything else against hf
+        exact = agree(t, llama if m == "llamacpp-eagle3" and llama is not None else base)
         hist = {str(k): v for k, v in sorted(t.accepted_hist.items())}
         accepted_at = Counter()
         for k, v in t.accepted_hist.items():
@@ -135,17 +168,19 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
             "speedup": tps / base_tps if base_tps else None,
             "tau": (t.committed / t.steps) if drafts and t.steps else None,
             "exact_match": exact,
+            "agreement_with_hf": agree(t, base) if m in LLAMACPP_METHODS else None,
+            "speedup_vs_llamacpp": tps / llama_tps if llama_tps else None,
             "new_tokens": t.new_tokens,
             "prompts": len(samples),
             "seconds": t.seconds,
-            "verify_forwards": (t.steps + sum(t.plain.values())) or None,  # drafted and plain
-            "mean_tree_size": (t.tree_nodes / t.steps) if t.steps else None,
-            "accepted_length_hist": hist if drafts else None,
-            "accept_by_depth": by_depth if drafts else None,
+            "verify_forwards": ((t.steps + sum(t.plain.values())) or None) if engine else None,  # drafted and plain
+            "mean_tree_size": (t.tree_nodes / t.steps) if t.steps and engine else None,
+            "accepted_length_hist": hist if drafts and engine else None,
+            "accept_by_depth": by_depth if drafts and engine else None,
             # the never-slower guard: steps run without drafts, why (predicted / measured slower, or timing a
             # plain step to compare with), and their seconds; tau above counts drafted steps only
             "guard": {"plain_steps": sum(t.plain.values()), "by_reason": dict(t.plain), "plain_s": t.plain_s,
-                      "drafted_steps": t.steps} if drafts else None,
+                      "drafted_steps": t.steps} if drafts and engine else None,
             "time_breakdown_s": None if t.steps + sum(t.plain.values()) == 0 else {
                 "prefill": t.prefill_s, "draft": t.draft_s, "verify": t.verify_s, "bookkeeping": t.book_s,
             },

@@ -58,16 +58,19 @@ class LlamaServer:
     """`llama-server -m MODEL [-md HEAD --spec-type draft-eagle3]` on a free port; use as a context manager."""
 
     def __init__(self, tree: Path, model: Path, head: Path | None = None, threads: int = 2, ctx: int = 4096,
-                 extra: tuple[str, ...] = ()):
+                 draft: dict | None = None, extra: tuple[str, ...] = ()):
         self.tree, self.model, self.head = Path(tree), Path(model), head
         self.port = _free_port()
         self.args = [str(binary(tree, "llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                      "-t", str(threads), "-c", str(ctx), "-np", "1", "--metrics", "--no-webui", "-ngl", "0"]
         if head is not None:
             self.args += ["-md", str(head), "--spec-type", "draft-eagle3", "-ngld", "0"]
+            if draft:
+                self.args += ["--spec-draft-n-max", str(draft["n_max"]), "--spec-draft-n-min", str(draft.get("n_min", 0)),
+                              "--spec-draft-p-min", f"{draft['p_min']:g}"]
         self.args += list(extra)
         self.proc: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="featspec-llama-server-", suffix=".log", delete=False)
+        self.log = None  # the server's output, a temp file while it runs
 
     def command(self) -> str:
         """The command line, with the port left for the user to choose."""
@@ -84,6 +87,7 @@ class LlamaServer:
         self.close()
 
     def start(self) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="featspec-llama-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -102,6 +106,8 @@ class LlamaServer:
         raise FeatspecError(f"llama-server did not become ready in {START_TIMEOUT_S:.0f} s: {self.log_tail()}")
 
     def log_tail(self, lines: int = 3) -> str:
+        if self.log is None:
+            return "(not started)"
         text = Path(self.log.name).read_text(errors="replace").strip().splitlines()
         return " | ".join(text[-lines:]) or "(no output)"
 
@@ -114,8 +120,10 @@ class LlamaServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        if self.log is not None:
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
+            self.log = None
 
     def _post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
@@ -140,15 +148,13 @@ class LlamaServer:
         return out
 
     def complete(self, ids: list[int], n_predict: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, draft: dict | None = None) -> Completion:
-        """Generate from token ids; `draft` sets per-request draft flags (speculative.n_max / n_min / p_min)."""
+                 seed: int = 0) -> Completion:
+        """Generate from token ids (draft flags are the server's: this llama-server ignores per-request ones)."""
         body = {"prompt": list(ids), "n_predict": n_predict, "cache_prompt": False, "return_tokens": True,
                 "seed": seed, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": 0.0,
                 "repeat_penalty": 1.0, "stream": False}
         if temperature <= 0:
             body.update(temperature=0.0, top_k=1)
-        for k, v in (draft or {}).items():
-            body[f"speculative.{k}"] = v
         before = self.metrics() if self.head is not None else {}
         t0 = time.perf_counter()
         out = self._post("/completion", body)
