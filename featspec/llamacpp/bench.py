@@ -107,9 +107,9 @@ class LlamaCppSession:
         """The draft flags `llamacpp-eagle3` runs with (None: without the head)."""
         if self.choice is None:
             if isinstance(self.draft, dict):
-                self.choice = FlagChoice(self.draft, cli_flags(self.draft), 0.0, 0.0)
+                self.choice = FlagChoice(self.draft, cli_flags(self.draft), 0.0, 0.0, given=True)
             elif self.draft == "none":
-                self.choice = FlagChoice(None, "(no draft model)", 0.0, 0.0)
+                self.choice = FlagChoice(None, "(no draft model)", 0.0, 0.0, given=True)
             else:
                 if not self.tune_prompts:
                     raise FeatspecError("the llama.cpp flag sweep needs prompts outside the benchmarked ones")

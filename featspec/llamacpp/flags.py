@@ -68,8 +68,11 @@ class FlagChoice:
     best_ratio: float
     sweep: list[dict] = field(default_factory=list)
     costs: dict = field(default_factory=dict)
+    given: bool = False  # set by --llama-cpp-draft, not measured
 
     def summary(self) -> str:
+        if self.given:
+            return f"llama.cpp draft flags as given: {self.cli}" if self.flags else "llama.cpp runs without the head, as given"
         if self.flags is None:
             return (f"no llama.cpp draft setting beat the target alone (best {self.best_ratio:.2f}x over "
                     f"{len(self.sweep)} settings): run llama.cpp without the head")

@@ -125,6 +125,11 @@ def resolve_tree(spec: str | Path | None) -> Path:
     return path
 
 
+def converter_tree(spec: str | Path | None) -> Path:
+    """A tree whose convert_hf_to_gguf.py to run: --llama-cpp DIR, or the pinned source (fetched, not built)."""
+    return resolve_tree(spec) if spec else fetch()
+
+
 def binary(tree: Path, name: str) -> Path:
     """A built llama.cpp program, or a one-line error saying how to build it."""
     path = build_dir(tree) / "bin" / name
