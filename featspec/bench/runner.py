@@ -147,6 +147,21 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
             return None
         return sum(a == b for a, b in zip(t.outputs, ref.outputs)) / len(samples)
 
+    def divergences(t: MethodTotals, ref: MethodTotals | None) -> list[dict] | None:
+        """Where greedy outputs part from the reference: sample, turn, position, both tokens, and the shared
+        prefix (so a tie in the target's logits can be told from a bug)."""
+        if ref is None or not sampling.greedy:
+            return None
+        out = []
+        for s, ours, theirs in zip(samples, t.outputs, ref.outputs):
+            for turn, (a, b) in enumerate(zip(ours, theirs)):
+                if a != b:
+                    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                    out.append({"sample": s.id, "turn": turn, "at": i, "token": a[i] if i < len(a) else None,
+                                "ref_token": b[i] if i < len(b) else None, "prefix": a[:i]})
+                    break
+        return out
+
     report_methods = {}
     for m in methods:
         t = totals[m]
@@ -155,7 +170,8 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
         engine = m not in LLAMACPP_METHODS  # featspec's engine: tree stats and the guard
         # lossless check within one engine: llamacpp-eagle3 against llamacpp (two engines' kernels may round
         # differently, so agreement with hf is reported beside it); everything else against hf
-        exact = agree(t, llama if m == "llamacpp-eagle3" and llama is not None else base)
+        ref = llama if m == "llamacpp-eagle3" and llama is not None else base
+        exact = agree(t, ref)
         hist = {str(k): v for k, v in sorted(t.accepted_hist.items())}
         accepted_at = Counter()
         for k, v in t.accepted_hist.items():
@@ -168,6 +184,7 @@ def make_report(lm, samples, methods, totals, max_new_tokens, sampling, seed, op
             "speedup": tps / base_tps if base_tps else None,
             "tau": (t.committed / t.steps) if drafts and t.steps else None,
             "exact_match": exact,
+            "divergences": divergences(t, ref) if exact is not None and exact < 1 else None,
             "agreement_with_hf": agree(t, base) if m in LLAMACPP_METHODS else None,
             "speedup_vs_llamacpp": tps / llama_tps if llama_tps else None,
             "new_tokens": t.new_tokens,
