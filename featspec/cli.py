@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--regenerate", action="store_true", help="answer the first user turn of each conversation with the target itself (greedy, "
                         "batched, cached under ~/.cache/featspec/regenerated) and train on those answers")
 
+    t.add_argument("--layer-ids", default="", metavar="A,B,C",
+                   help="EAGLE-3: the three HF hidden_states indices the head fuses (hidden_states[k] is the input of "
+                        "layer k; default 2, L//2, L-3)")
     t.add_argument("--cache-features", default="", metavar="DIR",
                    help="compute the target's features once into DIR (disk estimate printed first) and read them in "
                         "every epoch, instead of running the target in each step")
@@ -177,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise FeatspecError(f"{flag} {text!r}: give comma-separated integers like 4,12,24") from None
+
+
 def cmd_train(args) -> int:
     from featspec.train.trainer import TrainConfig, train
 
@@ -187,6 +197,7 @@ def cmd_train(args) -> int:
         draft_vocab=args.draft_vocab, dtype=args.dtype, save_every=args.save_every, eval_every=args.eval_every,
         max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate, init_from=args.init_from,
         cache_features=args.cache_features, skip_conversations=args.skip_conversations,
+        layer_ids=_int_list(args.layer_ids, "--layer-ids"),
     )
     if cfg.skip_conversations < 0:
         raise FeatspecError(f"--skip-conversations must be >= 0, got {cfg.skip_conversations}")

@@ -60,6 +60,7 @@ class TrainConfig:
     init_from: str = ""  # start from this head directory or trainer checkpoint (weights and draft vocabulary)
     cache_features: str = ""  # directory for the target's features, computed once (default: online every epoch)
     precondition: bool = True  # EAGLE-3: train fc on per-dimension standardised features (train/precondition.py)
+    layer_ids: tuple[int, ...] = ()  # EAGLE-3: HF hidden_states indices to fuse (default: inputs of layers 2, L//2, L-3)
 
 
 def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: list[int]) -> DraftHead:
@@ -70,7 +71,11 @@ def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: li
         return Eagle1Head(HeadConfig.from_target(target_config))
     if cfg.method == "eagle3":
         size = min(cfg.draft_vocab, target_config.vocab_size)
-        head = Eagle3Head(HeadConfig.from_target(target_config, draft_vocab_size=size))
+        layers = target_config.num_hidden_layers
+        if cfg.layer_ids and (len(cfg.layer_ids) != 3 or not all(0 <= i <= layers for i in cfg.layer_ids)):
+            raise FeatspecError(f"--layer-ids {','.join(map(str, cfg.layer_ids))}: give 3 hidden-state indices in "
+                                f"[0, {layers}] (this target has {layers} layers)")
+        head = Eagle3Head(HeadConfig.from_target(target_config, draft_vocab_size=size), tuple(cfg.layer_ids) or None)
         head.set_vocab(draft_vocabulary(examples, size, target_config.vocab_size, always_ids))
         head.init_from_target(target)
         return head
