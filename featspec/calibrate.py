@@ -16,6 +16,7 @@ from featspec.costmodel import CONTEXTS, DTYPE_NAMES, CostModel, ceiling_table, 
 from featspec.drafters import DraftOptions, build_drafter
 from featspec.models import load_model
 from featspec.models.registry import LoadedModel
+from featspec.io import save_figure
 
 REPORT_CONTEXT = 256
 
@@ -99,8 +100,7 @@ def _plot(results: dict, path: Path, title: str) -> None:
     a2.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

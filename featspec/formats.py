@@ -111,11 +111,22 @@ def save_head(head: DraftHead, out: Path, dtype: torch.dtype = torch.bfloat16, e
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").exists():
-        tensors = load_file(str(path / "model.safetensors"))
+        file = path / "model.safetensors"
+        load = lambda: load_file(str(file))  # noqa: E731
     elif (path / "pytorch_model.bin").exists():
-        tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        file = path / "pytorch_model.bin"
+        load = lambda: torch.load(file, map_location="cpu", weights_only=True)  # noqa: E731
     else:
         raise FeatspecError(f"{path} has no model.safetensors or pytorch_model.bin: point --head at a head directory")
+    try:
+        tensors = load()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and OS errors all mean the same to the user
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise FeatspecError(f"{file} is not a readable weights file ({detail}): re-export or re-download the head") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise FeatspecError(f"{file} does not hold a flat dict of tensors: not a head checkpoint")
     clean = {}
     for k, v in tensors.items():
         for p in STRIP_PREFIXES:
@@ -124,6 +135,40 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         clean[k] = v
     clean.pop("embed_tokens.weight", None)  # shared with the target
     return clean
+
+
+# keys a head's config.json must hold, and their types (bool is not an int here)
+REQUIRED_KEYS = {"hidden_size": int, "intermediate_size": int, "num_attention_heads": int, "vocab_size": int}
+NUMERIC_KEYS = ("num_key_value_heads", "head_dim", "draft_vocab_size", "target_hidden_size", "rms_norm_eps", "rope_theta")
+
+
+def read_head_config(path: Path) -> dict:
+    """A head's config.json as a dict with the keys and types loading needs, or one line saying what is wrong."""
+    from featspec.validate import read_text
+
+    file = path / "config.json"
+    if not file.exists():
+        raise FeatspecError(f"{path} has no config.json: not a head directory")
+    try:
+        cfg = json.loads(read_text(file, "head config"))
+    except json.JSONDecodeError as exc:
+        raise FeatspecError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}): re-export the head") from None
+    if not isinstance(cfg, dict):
+        raise FeatspecError(f"{file} holds a JSON {type(cfg).__name__}, not an object: not a head config")
+    for key, kind in REQUIRED_KEYS.items():
+        value = cfg.get(key)
+        if value is None:
+            raise FeatspecError(f"{file} lacks {key}: not a complete head config (re-export the head)")
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
+            raise FeatspecError(f"{file}: {key} is {value!r}, expected a positive integer")
+    for key in NUMERIC_KEYS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FeatspecError(f"{file}: {key} is {value!r}, expected a number")
+    for key in ("featspec", "rope_parameters"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise FeatspecError(f"{file}: {key} is {cfg[key]!r}, expected an object")
+    return cfg
 
 
 def resolve_head_dir(spec: str) -> Path:
@@ -146,10 +191,7 @@ def resolve_head_dir(spec: str) -> Path:
 def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DraftHead:
     """Load an EAGLE-1 or EAGLE-3 head from a directory or hub id; checks keys and shapes."""
     path = resolve_head_dir(str(spec))
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FeatspecError(f"{path}/config.json is missing or unreadable ({exc}): not a head directory") from None
+    cfg = read_head_config(path)
     tensors = _read_tensors(path)
     fs = cfg.get("featspec") or {}
     is3 = EAGLE3_ARCH in (cfg.get("architectures") or []) or "midlayer.self_attn.q_proj.weight" in tensors
@@ -176,6 +218,9 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
         ids = fs.get("layer_ids")
         if ids is None and cfg.get("eagle_aux_hidden_state_layer_ids"):
             ids = [i + 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                                      and i >= 0 for i in ids)):
+            raise FeatspecError(f"{path}/config.json: layer ids {ids!r} must be a list of non-negative integers")
         if ids is not None and len(ids) != n_fused:
             raise FeatspecError(f"{path}: fc reads {n_fused} layers but the config lists {len(ids)} layer ids")
         head: DraftHead = Eagle3Head(hc, tuple(ids) if ids else None, num_fused=n_fused)
@@ -192,7 +237,12 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
     for k, v in expected.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise FeatspecError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise FeatspecError(f"{path}: tensor {bad} holds NaN or inf values: the head is broken (a diverged run?); "
+                            "use an earlier checkpoint")
     head.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()})
+    head.stored_dtype = str(tensors["fc.weight"].dtype).replace("torch.", "")
     head._source = str(path)
     return head.to(device=device, dtype=dtype) if dtype is not None else head.to(device)
 
@@ -226,7 +276,7 @@ def export_head(src: str, fmt: str, out: Path) -> dict:
     if fmt not in ("vllm", "sglang"):
         raise FeatspecError(f"unknown format '{fmt}': use vllm or sglang")
     head = load_head(src, dtype=None)
-    cfg_src = json.loads((resolve_head_dir(src) / "config.json").read_text())
+    cfg_src = read_head_config(resolve_head_dir(src))
     dtype = head.fc.weight.dtype
     save_head(head, out, dtype=dtype, extra={k: v for k, v in (cfg_src.get("featspec") or {}).items()
                                             if k not in ("kind", "target_num_layers", "layer_ids")})

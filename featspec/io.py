@@ -1,4 +1,6 @@
-"""Where featspec keeps derived files, and the atomic JSON writer every report and cache goes through."""
+"""Where featspec keeps derived files, and the one atomic writer every report, plot, checkpoint and cache goes
+through: it checks the destination first, writes a temp file beside it, then renames, so a crash or Ctrl-C
+never leaves a truncated file or a stray temp file."""
 
 from __future__ import annotations
 
@@ -6,6 +8,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+from featspec.validate import check_destination
 
 
 def cache_root() -> Path:
@@ -13,15 +18,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEATSPEC_CACHE", Path.home() / ".cache" / "featspec"))
 
 
-def write_json(report: dict, path: str | Path) -> None:
-    """Atomic write: a crash never leaves a truncated file (temp file in the same directory, then rename)."""
-    path = Path(path)
+def atomic_write(path: str | Path, write: Callable[[Path], None], what: str = "output") -> Path:
+    """Call `write(tmp)` on a temp file in the destination's directory, then rename it to `path`."""
+    path = check_destination(path, what)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(report, fh, indent=2)
+        write(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def write_json(report, path: str | Path, indent: int = 2, default=None) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=indent, default=default)
+
+    atomic_write(path, write)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG (the format named explicitly: the temp name's suffix is the final one)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
+def torch_save(obj, path: str | Path) -> None:
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

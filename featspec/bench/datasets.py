@@ -101,11 +101,10 @@ def sharegpt_heldout() -> list[Sample]:
 
 
 def jsonl(path_text: str) -> list[Sample]:
+    from featspec.validate import read_text
+
     path = Path(path_text).expanduser()
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise FeatspecError(f"cannot read dataset file {path}: {exc.strerror or exc}; pass jsonl:PATH to a readable file") from None
+    lines = read_text(path, "dataset file").splitlines()
     samples = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featspec.io import write_json  # noqa: F401  (reports are written through the one atomic writer)
+from featspec.io import save_figure, write_json  # noqa: F401  (reports are written through the one atomic writer)
 
 
 def _fmt(value, spec: str) -> str:
@@ -72,6 +72,5 @@ def write_plot(report: dict, path: str | Path) -> None:
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

@@ -17,6 +17,7 @@ import torch
 from featspec.crossmodal.qa import question_for
 from featspec.crossmodal.vlm import VLM
 from featspec.crossmodal.world import SplitData
+from featspec.io import torch_save
 
 
 @torch.no_grad()
@@ -71,13 +72,7 @@ def align(target: VLM, drafter: VLM, data: SplitData, limit: int, max_new_tokens
     return out
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp name, then rename: a killed run leaves no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+atomic_torch_save = torch_save  # the project's one atomic writer (featspec/io.py)
 
 
 def save_pairs(pairs: dict[str, torch.Tensor], path: Path) -> None:

@@ -17,6 +17,7 @@ from featspec.drafters.hybrid import HybridDrafter
 from featspec.engine import SpeculativeGenerator
 from featspec.errors import FeatspecError
 from featspec.models.target import TargetModel
+from featspec.io import save_figure
 
 METHODS = ("target", "eagle3", "xmodal-token", *(f"xmodal-{lv}" for lv in LEVELS), "xmodal-pp", "hybrid")
 PP_LEVEL = "L1"  # the adapter parallel prefill drafts with (L6 cannot: it reads the target's prefill)
@@ -239,6 +240,5 @@ def plot(result: dict, path: Path, title: str = "") -> None:
     a3.set_title("timeline of one clip")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from featspec.errors import FeatspecError
+from featspec.io import write_json
+from featspec.validate import finite_float, nonneg_int, positive_int, seed
 
 SPLIT_CHOICES = ("train", "val", "test", "novel")
 
@@ -21,16 +23,16 @@ def add_parser(sub) -> None:
     p = xs.add_parser("prepare", help="generate clips and train both mini models (resumes from checkpoints in --out)")
     p.add_argument("--out", default=None, help="run directory (default ~/.cache/featspec/xmodal)")
     p.add_argument("--tiny", action="store_true", help="a minute-scale run with cut-down models (tests, smoke checks)")
-    p.add_argument("--n-train", type=int, default=None, help="training clips (default 3000; --tiny 24)")
-    p.add_argument("--seed", type=int, default=0, help="world seed: a different seed is a different distribution")
-    p.add_argument("--probe-steps", type=int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half; 0 with --init keeps the init towers)")
-    p.add_argument("--qa-steps", type=int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
+    p.add_argument("--n-train", type=positive_int, default=None, help="training clips (default 3000; --tiny 24)")
+    p.add_argument("--seed", type=seed, default=0, help="world seed: a different seed is a different distribution")
+    p.add_argument("--probe-steps", type=nonneg_int, default=None, help="target vision-tower pre-training steps (default 3000; the drafter's gets half; 0 with --init keeps the init towers)")
+    p.add_argument("--qa-steps", type=nonneg_int, default=None, help="target QA steps of 4 clips x all their questions (default 350; the drafter gets 1.2x)")
     p.add_argument("--roles", choices=("both", "target", "drafter"), default="both", help="which models to train (default both)")
-    p.add_argument("--keep-weight", type=float, default=0.5, help="weight of a probe loss on each model's visual "
+    p.add_argument("--keep-weight", type=finite_float(0.0), default=0.5, help="weight of a probe loss on each model's visual "
                    "tokens during QA, keeping positions, motion and speed readable (default 0.5; 0 = off, docs/crossmodal.md)")
-    p.add_argument("--grounding-turns", type=int, default=None, help="short \"where is X in frame k?\" turns per target "
+    p.add_argument("--grounding-turns", type=nonneg_int, default=None, help="short \"where is X in frame k?\" turns per target "
                    "training row, besides its questions (default 0; 8 was tried, docs/crossmodal.md)")
-    p.add_argument("--attend-weight", type=float, default=None, help="weight of the target's attention guidance "
+    p.add_argument("--attend-weight", type=finite_float(0.0), default=None, help="weight of the target's attention guidance "
                    "during QA: at each coordinate a grounding turn quotes (--grounding-turns), attend to the named object's patches "
                    "in the named frame (default 0; 0.3 was tried, docs/crossmodal.md)")
     p.add_argument("--init", default=None, help="start each trained model from this run's (or the shipped) target/ and drafter/ weights")
@@ -41,11 +43,11 @@ def add_parser(sub) -> None:
         e.add_argument("--split", choices=SPLIT_CHOICES, default="test")
         e.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
         if name == "eval":
-            e.add_argument("--limit", type=int, default=200, help="clips to evaluate (default 200)")
-            e.add_argument("--max-new-tokens", type=int, default=64)
+            e.add_argument("--limit", type=positive_int, default=200, help="clips to evaluate (default 200)")
+            e.add_argument("--max-new-tokens", type=positive_int, default=64)
             e.add_argument("--json", default=None, help="write the report (with every answer) here")
         else:
-            e.add_argument("--index", type=int, default=0, help="clip index within the split")
+            e.add_argument("--index", type=nonneg_int, default=0, help="clip index within the split")
             e.add_argument("--out", required=True, help="PNG path")
     add_drafting_parsers(xs)
 
@@ -66,33 +68,33 @@ def add_drafting_parsers(xs) -> None:
     t = xs.add_parser("train-adapter", help="align features on train clips (cached) and train one adapter level")
     _add_work_args(t)
     t.add_argument("--level", choices=LEVELS, required=True)
-    t.add_argument("--clips", type=int, default=600, help="train clips to align (default 600; cached per count)")
-    t.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
-    t.add_argument("--val-clips", type=int, default=50, help="val clips the saved adapter is scored on (default 50)")
-    t.add_argument("--ce-weight", type=float, default=0.0, help="add soft CE through the target's LM head (default 0)")
+    t.add_argument("--clips", type=positive_int, default=600, help="train clips to align (default 600; cached per count)")
+    t.add_argument("--steps", type=positive_int, default=600, help="optimizer steps (default 600)")
+    t.add_argument("--val-clips", type=positive_int, default=50, help="val clips the saved adapter is scored on (default 50)")
+    t.add_argument("--ce-weight", type=finite_float(0.0), default=0.0, help="add soft CE through the target's LM head (default 0)")
     e = xs.add_parser("train-eagle3", help="train an EAGLE-3 head on the video target's own features (option D, hybrid)")
     _add_work_args(e)
-    e.add_argument("--clips", type=int, default=3000, help="train clips (default 3000; every question kind of each)")
-    e.add_argument("--steps", type=int, default=400, help="optimizer steps, batch 8 (default 400; resumes)")
+    e.add_argument("--clips", type=positive_int, default=3000, help="train clips (default 3000; every question kind of each)")
+    e.add_argument("--steps", type=positive_int, default=400, help="optimizer steps, batch 8 (default 400; resumes)")
     a = xs.add_parser("adapters", help="the adapter table: cosine, Accept@t and top-1 agreement per level vs raw tokens")
     _add_work_args(a)
     a.add_argument("--split", choices=SPLIT_CHOICES, default="test")
-    a.add_argument("--limit", type=int, default=100, help="clips to align for the table (default 100)")
+    a.add_argument("--limit", type=positive_int, default=100, help="clips to align for the table (default 100)")
     a.add_argument("--json", default=None)
     b = xs.add_parser("bench", help="target alone vs cross-modal drafting, interleaved per clip after a warm-up")
     _add_work_args(b)
     b.add_argument("--split", choices=SPLIT_CHOICES, default="test")
-    b.add_argument("--limit", type=int, default=20)
+    b.add_argument("--limit", type=positive_int, default=20)
     b.add_argument("--methods", default="target,xmodal-token,xmodal-L1", help=f"comma list from {', '.join(METHODS)}")
-    b.add_argument("--draft-length", type=int, default=4, help="draft chain length per step (default 4)")
-    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--draft-length", type=positive_int, default=4, help="draft chain length per step (default 4)")
+    b.add_argument("--max-new-tokens", type=positive_int, default=64)
     b.add_argument("--json", default="xmodal-bench.json")
     b.add_argument("--png", default=None, help="also plot speedup, tau and one clip's timeline per method here")
-    b.add_argument("--seed", type=int, default=None,
+    b.add_argument("--seed", type=seed, default=None,
                    help="world seed of the clips (default: the one the models were trained on); a new seed is a fresh distribution")
     b.add_argument("--max-objects", type=int, choices=(1, 2, 3), default=None, help="objects per clip at most (default: the models' world)")
-    b.add_argument("--spin-prob", type=float, default=None, help="chance an object spins in place instead of moving (0-1)")
-    b.add_argument("--camera-shake", type=float, default=None, help="whole-image jitter amplitude in pixels (0 = static camera)")
+    b.add_argument("--spin-prob", type=finite_float(0.0, 1.0), default=None, help="chance an object spins in place instead of moving (0-1)")
+    b.add_argument("--camera-shake", type=finite_float(0.0), default=None, help="whole-image jitter amplitude in pixels (0 = static camera)")
 
 
 def _work(args) -> Path:
@@ -160,7 +162,6 @@ def _check_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) 
 
 
 def _stamp_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) -> None:
-    from featspec.bench.report import write_json
 
     write_json({**_recorded_stamps(adir), **{r: stamps[r] for r in roles}}, adir / STAMP)  # atomic
     (adir / "target.sha256").unlink(missing_ok=True)
@@ -173,6 +174,15 @@ def _models(args) -> Path:
 
 
 def run(args) -> int:
+    from featspec.validate import check_destination
+
+    for flag in ("json", "png"):  # report paths are checked before any model loads or trains
+        if getattr(args, flag, None):
+            check_destination(getattr(args, flag), f"--{flag}")
+    if args.xmodal_command == "show":
+        check_destination(args.out, "--out")
+    elif getattr(args, "out", None):
+        check_destination(args.out, "--out", directory=True)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
     if args.xmodal_command == "prepare":
         from featspec.crossmodal.evaluate import SHIPPED
@@ -227,7 +237,7 @@ def run(args) -> int:
         result = evaluate(_models(args), args.split, args.limit, dtype, args.max_new_tokens)
         print(report_markdown(result))
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            write_json(result, args.json, indent=1)
             print(f"wrote {args.json}")
         return 0
     if args.xmodal_command == "show":
@@ -307,7 +317,7 @@ def run_drafting(args) -> int:
                 print(f"| {lv} | {r['params']} | {r['latency_ms']:.2f} | {r['cosine']:.3f} | " + " | ".join(
                     f"{r[f'accept@{t:.2f}']:.2f}" for t in (0.80, 0.85, 0.90, 0.95)) + f" | {r['top1']:.3f} |")
         if args.json:
-            Path(args.json).write_text(json.dumps({"split": args.split, "limit": args.limit, "levels": table}, indent=1))
+            write_json({"split": args.split, "limit": args.limit, "levels": table}, args.json, indent=1)
         return 0
     from featspec.crossmodal.bench import Kit, markdown, plot, run_bench
     from featspec.crossmodal.world import build_split
@@ -326,8 +336,8 @@ def run_drafting(args) -> int:
     world = dataclasses.replace(world, **scene_changes)
     result = run_bench(kit, build_split(world, args.split, args.limit + 1), methods, args.limit, args.max_new_tokens)
     print(markdown(result))
-    Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "func"},
-                                           "world": world.to_json(), "methods": result}, indent=1, default=str))
+    write_json({"config": {k: v for k, v in vars(args).items() if k != "func"}, "world": world.to_json(),
+                "methods": result}, args.json, indent=1, default=str)
     print(f"wrote {args.json}")
     if args.png:
         plot(result, Path(args.png), f"xmodal bench: {args.split}, {args.limit} clips, {args.dtype}")

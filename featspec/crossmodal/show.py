@@ -8,6 +8,7 @@ import torch
 
 from featspec.crossmodal.qa import question_for
 from featspec.crossmodal.world import make_clip
+from featspec.io import save_figure
 
 
 def show(models: Path, split: str, index: int, out: Path, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -37,7 +38,6 @@ def show(models: Path, split: str, index: int, out: Path, dtype: torch.dtype = t
     fig.suptitle(f"{split} clip {index}: " + ", ".join(f"{o.size} {o.colour} {o.shape} {o.motion}/{o.speed}"
                                                        for o in clip.scene.objects), fontsize=10)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    save_figure(fig, out, dpi=80)
     plt.close(fig)
     return {"question": qa.question, "reference": qa.answer, **answers}

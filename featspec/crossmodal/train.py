@@ -25,6 +25,7 @@ from featspec.crossmodal.scenes import DIRECTIONS, Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
 from featspec.formats import atomic_dir_write
+from featspec.io import write_json
 
 
 @dataclass
@@ -498,5 +499,5 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         save_mini(vlm, cfg.spec, out / role, meta)
         report[role] = {**meta, "wall_seconds": round(time.time() - t1, 1)}
     report["total_seconds"] = round(time.time() - t0, 1)
-    (out / "prepare.json").write_text(json.dumps(report, indent=1))
+    write_json(report, out / "prepare.json", indent=1)
     return report

@@ -40,7 +40,9 @@ def tie_gap(lm, ids: list[int], tokens: list[int | None]) -> float | None:
     return max(top - float(logits[t]) for t in tokens)
 
 
-def run_check(target: str = "smollm2-135m", limit: int = 10, max_new_tokens: int = 128, json_path: str | None = None) -> int:
+def run_check(target: str = "smollm2-135m", limit: int = 10, max_new_tokens: int = 128, json_path: str | None = None,
+              head: str | None = None, sweep_flags: bool = True) -> int:
+    """`head`: an EAGLE-3 head directory (default: the one featspec ships for `target`)."""
     from featspec.bench.datasets import load_dataset
     from featspec.bench.report import markdown_table, write_json
     from featspec.bench.runner import prompt_ids_for, run_bench
@@ -52,7 +54,7 @@ def run_check(target: str = "smollm2-135m", limit: int = 10, max_new_tokens: int
     build()
     lm = load_model(target, "float32")
     samples = load_dataset("mt-bench", limit)
-    chain = DraftOptions(budget="fixed", depth=CHAIN, topk=1, total_tokens=CHAIN, guard=False)
+    chain = DraftOptions(head=head, budget="fixed", depth=CHAIN, topk=1, total_tokens=CHAIN, guard=False)
     report = run_bench(lm, samples, ["hf", "eagle3", "llamacpp", "llamacpp-eagle3"], max_new_tokens, SamplingConfig(),
                        opts=chain, config_extra={"command": "featspec llamacpp check", "dataset": "mt-bench"},
                        llama={"dir": str(pinned_tree()), "draft": f"{CHAIN},0"})
@@ -94,11 +96,11 @@ def run_check(target: str = "smollm2-135m", limit: int = 10, max_new_tokens: int
     # which flags pay here (f32 and bf16 differ in llama.cpp as in PyTorch): the sweep featspec bench runs
     from featspec.llamacpp.bench import LlamaCppSession
 
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if sweep_flags else ():
         lm.model.to(getattr(torch, dtype))
         spare = load_dataset("mt-bench")[limit:limit + 4]
         prompts = [prompt_ids_for(lm, s, [{"role": "user", "content": s.turns[0]}]) for s in spare]
-        session = LlamaCppSession(lm, str(pinned_tree()), None, "auto", tune_prompts=prompts)
+        session = LlamaCppSession(lm, str(pinned_tree()), head, "auto", tune_prompts=prompts)
         try:
             session.flags()
             report["config"].setdefault("flag_sweeps", {})[dtype] = session.report()

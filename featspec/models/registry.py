@@ -116,6 +116,24 @@ def _dequantized_dir(alias: Alias) -> Path:
     return out
 
 
+def _refuse_non_model(path: Path) -> None:
+    """A draft head or anything without weights and a tokenizer is not a target: say so before transformers
+    fails deep inside tokenizer conversion."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FeatspecError(f"{path}/config.json is unreadable ({type(exc).__name__}): not a model directory") from None
+    if not isinstance(cfg, dict):
+        raise FeatspecError(f"{path}/config.json is not a JSON object: not a model directory")
+    archs = cfg.get("architectures") or []
+    if "featspec" in cfg or "draft_vocab_size" in cfg or any("Eagle" in str(a) for a in archs):
+        raise FeatspecError(f"{path} is a draft head, not a model: pass it as --head and a model as --target")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")):
+        raise FeatspecError(f"{path} has no tokenizer files: point --target at a full Hugging Face model directory")
+
+
 def resolve_source(spec: str) -> str:
     """Turn a spec into something `from_pretrained` accepts, or raise a one-line error."""
     if not spec or not spec.strip():
@@ -126,6 +144,7 @@ def resolve_source(spec: str) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FeatspecError(f"{path} has no config.json: point at a Hugging Face model directory")
+        _refuse_non_model(path)
         return str(path)
     if path.exists():
         raise FeatspecError(f"{path} is a file: pass its directory (a Hugging Face model directory)")

@@ -27,6 +27,7 @@ from featspec.train.data import Example, batch_order, collate, draft_vocabulary,
 from featspec.train.features import cache_key, cached_batch, estimate_bytes, fill_cache, open_cache
 from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
 from featspec.train.precondition import feature_scale, fold, scaled, unfold
+from featspec.io import write_json
 
 
 DEFAULT_DRAFT_VOCAB = 8192
@@ -383,7 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
                   card=card)
         if trained_fc is not None:
             raw_head.fc.weight.data = trained_fc
-        (out / "train_log.json").write_text(json.dumps(state, indent=1))
+        write_json(state, out / "train_log.json", indent=1)
         print(f"featspec: wrote {out / 'head'} (step {state['step']}, {state['tokens_seen']:,} tokens, "
               f"{state['wall_s'] / 60:.1f} min)", flush=True)
     return out / "head"
