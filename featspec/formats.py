@@ -12,15 +12,13 @@ are optional when loading third-party heads.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from featspec.errors import FeatspecError
+from featspec.io import atomic_dir_write
 from featspec.heads.base import DraftHead
 from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head, default_layer_ids
@@ -64,26 +62,6 @@ def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | Non
         cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["featspec"] = {**fs, **(extra or {})}
     return cfg
-
-
-def atomic_dir_write(out: Path, write) -> None:
-    """Write into a temp dir beside `out`, then swap it in: a killed save never leaves half a head."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        write(tmp)
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def head_tensors(head: DraftHead, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

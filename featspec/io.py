@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], what: str = "o
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_dir_write(out: str | Path, write: Callable[[Path], None]) -> None:
+    """Write a directory (a head, a checkpoint) into a temp dir beside `out`, then swap it in: a killed save
+    never leaves half of it, and the previous version survives as `out.old` until the swap is done."""
+    out = check_destination(out, "output", directory=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(report, path: str | Path, indent: int = 2, default=None) -> None:

@@ -78,12 +78,12 @@ def test_corrupt_head_is_one_line(kind, head_dir, tmp_path, capsys):
 @pytest.mark.parametrize("variant", ["float16", "pytorch_model.bin"])
 def test_odd_but_valid_heads_load_and_say_how(variant, head_dir, tmp_path, capsys):
     """An fp16 head or a pytorch_model.bin head is fine: it loads, and the run says what it was stored in."""
+    from safetensors.torch import load_file
+
     from featspec.drafters import load_feature_head
     from featspec.models.registry import LoadedModel
 
     from conftest import build_model
-
-    from safetensors.torch import load_file
 
     tensors = load_file(str(_weights(head_dir)))
     if variant == "float16":
@@ -91,7 +91,7 @@ def test_odd_but_valid_heads_load_and_say_how(variant, head_dir, tmp_path, capsy
     else:
         _weights(head_dir).unlink()
         torch.save(tensors, head_dir / "pytorch_model.bin")
-    model = build_model(llama_config(layers=6))
+    model = build_model(llama_config(layers=6), 0)
     lm = LoadedModel("tiny", model, None)
     head = load_feature_head("eagle3", lm, str(head_dir))
     err = capsys.readouterr().err

@@ -24,8 +24,7 @@ from featspec.crossmodal.qa import GRID, grounding, questions
 from featspec.crossmodal.scenes import DIRECTIONS, Scene, WorldConfig
 from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
 from featspec.crossmodal.world import SplitData, build_split
-from featspec.formats import atomic_dir_write
-from featspec.io import write_json
+from featspec.io import atomic_dir_write, write_json
 
 
 @dataclass

@@ -226,7 +226,7 @@ def save_mini(vlm: VLM, spec: MiniSpec, out: Path, meta: dict) -> None:
     """Write config.json + weights.safetensors (bf16) atomically."""
     from safetensors.torch import save_file
 
-    from featspec.formats import atomic_dir_write
+    from featspec.io import atomic_dir_write
 
     def write(d: Path) -> None:
         state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in trained_state(vlm).items()}

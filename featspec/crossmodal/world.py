@@ -71,7 +71,7 @@ def build_split(cfg: WorldConfig, split: str, n: int, ecfg: EventConfig = WORLD_
         out = [_work(j) for j in tqdm(jobs, **bar)]
     data = SplitData(scenes, np.stack([o[0] for o in out]), np.stack([o[1] for o in out]))
     if cache is not None:
-        from featspec.formats import atomic_dir_write
+        from featspec.io import atomic_dir_write
 
         def write(d: Path) -> None:
             np.save(d / "frames.npy", data.frames)

@@ -82,11 +82,11 @@ def load_feature_head(method: str, target: LoadedModel, head_spec: str | None):
     kind = HEAD_KIND[method]
     spec = head_spec or str(shipped_head(target.spec, kind))
     head = load_head(spec, device=target.device, dtype=target.dtype)
-    run = str(target.dtype).replace("torch.", "")
-    print(f"featspec: {head.kind} head {spec} (stored in {head.stored_dtype}) runs in {run}", file=sys.stderr, flush=True)
     if head.kind != kind:
         raise FeatspecError(f"method {method} drafts with an {kind} head but {spec} holds an {head.kind} head")
     validate_against(head, target.model.config.get_text_config(), target.spec)
+    run = str(target.dtype).replace("torch.", "")
+    print(f"featspec: {head.kind} head {spec} (stored in {head.stored_dtype}) runs in {run}", file=sys.stderr, flush=True)
     return head.bind(target.model)
 
 

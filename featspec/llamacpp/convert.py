@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ def _run_converter(tree: Path, src: Path, out: Path, kind: str, target_dir: Path
             os.unlink(tmp)
 
 
-def _dir_key(path: Path) -> str:
+def dir_key(path: Path) -> str:
     """Content key of a model directory: names, sizes and mtimes of its files (hashing GBs would be slow)."""
     h = hashlib.sha1()
     for f in sorted(Path(path).iterdir()):
@@ -72,7 +71,7 @@ def _dir_key(path: Path) -> str:
 def target_gguf(tree: Path, target_dir: Path, dtype: str) -> Path:
     """The target converted once per (weights, dtype, llama.cpp), cached under the featspec cache."""
     kind = outtype(dtype)
-    key = hashlib.sha1(f"{_dir_key(target_dir)} {kind} {version(tree)}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{dir_key(target_dir)} {kind} {version(tree)}".encode()).hexdigest()[:16]
     out = cache_root() / "llamacpp" / "gguf" / f"{Path(target_dir).name}-{kind}-{key}.gguf"
     if not out.exists():
         print(f"featspec: converting {target_dir} to GGUF ({kind}) for llama.cpp, once (cached at {out})",

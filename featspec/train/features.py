@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from featspec.errors import FeatspecError
+from featspec.io import torch_save, write_text
 from featspec.train.data import Example, collate
 from featspec.train.losses import TargetBatch, target_batch
 
@@ -52,7 +52,7 @@ def open_cache(path: Path, key: str, need_bytes: int) -> Path:
     if need_bytes > free:
         raise FeatspecError(f"--cache-features {path} needs ~{need_bytes / 1e9:.1f} GB but {free / 1e9:.1f} GB are free: "
                             "choose another directory or fewer --max-conversations")
-    key_file.write_text(key)
+    write_text(key, key_file)
     return path
 
 
@@ -66,9 +66,7 @@ def fill_cache(path: Path, target: torch.nn.Module, head, examples: list[Example
         with autocast():
             tb = target_batch(target, head, batch)
         blob = {"hidden": [h[0].to("cpu", dtype).clone() for h in tb.hidden], "last": tb.last[0].to("cpu", dtype).clone()}
-        tmp = path / f"{i}.pt.tmp"
-        torch.save(blob, tmp)
-        os.replace(tmp, path / f"{i}.pt")
+        torch_save(blob, path / f"{i}.pt")
 
 
 def cached_batch(path: Path, batch: dict[str, torch.Tensor], indices: list[int]) -> TargetBatch:

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from featspec.errors import FeatspecError
-from featspec.formats import atomic_dir_write, save_head
+from featspec.formats import save_head
+from featspec.io import atomic_dir_write, write_json
 from featspec.heads.base import DraftHead
 from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head, ids_from_d2t
@@ -27,7 +28,6 @@ from featspec.train.data import Example, batch_order, collate, draft_vocabulary,
 from featspec.train.features import cache_key, cached_batch, estimate_bytes, fill_cache, open_cache
 from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
 from featspec.train.precondition import feature_scale, fold, scaled, unfold
-from featspec.io import write_json
 
 
 DEFAULT_DRAFT_VOCAB = 8192
