@@ -496,6 +496,8 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:  # Ctrl-C anywhere, imports and model loading included: one line, exit 130
         return _main(argv)
+    except SystemExit as exc:  # argparse's errors (code 2) and --help (0), returned like every other outcome
+        return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         print("featspec: interrupted", file=sys.stderr)
         return 130

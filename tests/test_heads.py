@@ -208,10 +208,14 @@ def test_load_errors_are_one_line(tmp_path, target):
         load_head(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
-    with pytest.raises(FeatspecError, match="no model.safetensors"):
+    with pytest.raises(FeatspecError, match="lacks hidden_size"):
         load_head(tmp_path / "empty")
     head = make_eagle3(target)
     save_head(head, tmp_path / "h")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((tmp_path / "h" / "config.json").read_text())
+    with pytest.raises(FeatspecError, match="no model.safetensors"):
+        load_head(tmp_path / "noweights")
     from safetensors.torch import load_file, save_file
 
     t = load_file(str(tmp_path / "h" / "model.safetensors"))
