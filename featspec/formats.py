@@ -28,7 +28,17 @@ EAGLE3_ARCH = "LlamaForCausalLMEagle3"
 STRIP_PREFIXES = ("model.", "module.", "draft_model.", "eagle.")
 
 
-def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | None = None) -> dict:
+ENGINES = ("vllm", "sglang", "speculators")
+
+
+def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | None = None, engine: str = "vllm",
+                     verifier: str | None = None) -> dict:
+    """config.json of `head` for `engine`, with its layer ids in the meaning that engine reads (docs/export.md):
+    vllm (also featspec's own layout, and what llama.cpp's converter reads): top-level
+    `eagle_aux_hidden_state_layer_ids` = featspec's ids (input of layer k); sglang: under `eagle_config`, minus
+    one (SGLang adds one); speculators: vllm's keys nested the speculators way. Default layers are left out."""
+    if engine not in ENGINES:
+        raise FeatspecError(f"unknown engine layout '{engine}': use one of {', '.join(ENGINES)}")
     c = head.cfg
     cfg = {
         "model_type": "llama",
@@ -55,13 +65,43 @@ def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | Non
         if c.target_hidden_size and c.target_hidden_size != c.hidden_size:
             cfg["target_hidden_size"] = c.target_hidden_size
         fs["layer_ids"] = list(head.layer_ids)
+        # default layers stay implicit: every engine's default is featspec's (2, L//2, L-3), and an explicit
+        # SGLang id would be read one layer off by vLLM, which also reads eagle_config as is
         if tuple(head.layer_ids) != default_layer_ids(c.target_num_layers):
-            # engines read explicit ids as layer indices, not hidden_states indices: shift by one
-            cfg["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in head.layer_ids]
+            if engine != "sglang":
+                cfg["eagle_aux_hidden_state_layer_ids"] = list(head.layer_ids)
+            else:
+                cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in head.layer_ids],
+                                       "use_aux_hidden_state": True}
     else:
         cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["featspec"] = {**fs, **(extra or {})}
+    if engine == "speculators":
+        return speculators_config(cfg, verifier)
     return cfg
+
+
+SPECULATORS_TOP = ("draft_vocab_size", "norm_before_residual", "target_hidden_size", "eagle_aux_hidden_state_layer_ids",
+                   "featspec", "torch_dtype")
+
+
+def speculators_config(flat: dict, verifier: str | None, tokens: int = 3) -> dict:
+    """The speculators layout (what `speculators` loads and vLLM's `configs/speculators` reads): EAGLE-3 keys at
+    the top, the decoder layer under `transformer_layer_config`, the proposal and verifier under
+    `speculators_config`. norm_before_residual is always written: vLLM defaults it to True when absent."""
+    if not verifier:
+        raise FeatspecError("--format speculators names the verifier (the target): pass --target")
+    layer = {k: v for k, v in flat.items() if k not in SPECULATORS_TOP + ("architectures", "bias")}
+    out = {"speculators_model_type": "eagle3", "architectures": ["Eagle3Speculator"],
+           "transformer_layer_config": layer, **{k: flat[k] for k in SPECULATORS_TOP if k in flat}}
+    out["speculators_config"] = {
+        "algorithm": "eagle3",
+        "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": tokens, "verifier_accept_k": 1,
+                              "accept_tolerance": 0.0}],
+        "default_proposal_method": "greedy",
+        "verifier": {"name_or_path": verifier, "architectures": ["LlamaForCausalLM"]},
+    }
+    return out
 
 
 def head_tensors(head: DraftHead, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -73,10 +113,13 @@ def head_tensors(head: DraftHead, dtype: torch.dtype = torch.bfloat16) -> dict[s
 
 
 def save_head(head: DraftHead, out: Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None,
-              card: str | None = None) -> None:
-    """Save `head` in its engine layout (EAGLE-3: vLLM/SGLang; EAGLE-1: official EAGLE)."""
+              card: str | None = None, engine: str = "vllm", verifier: str | None = None) -> None:
+    """Save `head` in an engine layout (EAGLE-3: vllm, the default and featspec's own, sglang or speculators;
+    EAGLE-1: official EAGLE)."""
     tensors = head_tensors(head, dtype)
-    cfg = head_config_json(head, str(dtype).replace("torch.", ""), extra)
+    cfg = head_config_json(head, str(dtype).replace("torch.", ""), extra, engine, verifier)
+    if engine == "speculators":
+        tensors = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v for k, v in tensors.items()}
 
     def write(d: Path) -> None:
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -133,6 +176,8 @@ def read_head_config(path: Path) -> dict:
         raise FeatspecError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}): re-export the head") from None
     if not isinstance(cfg, dict):
         raise FeatspecError(f"{file} holds a JSON {type(cfg).__name__}, not an object: not a head config")
+    if "speculators_model_type" in cfg:
+        cfg = flatten_speculators(cfg, file)
     for key, kind in REQUIRED_KEYS.items():
         value = cfg.get(key)
         if value is None:
@@ -147,6 +192,21 @@ def read_head_config(path: Path) -> dict:
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise FeatspecError(f"{file}: {key} is {cfg[key]!r}, expected an object")
     return cfg
+
+
+def flatten_speculators(cfg: dict, file: Path) -> dict:
+    """A speculators config (`speculators_model_type`, nested `transformer_layer_config`) read as the flat
+    layout: the decoder layer's keys, then the EAGLE-3 keys at the top."""
+    if cfg.get("speculators_model_type") != "eagle3":
+        raise FeatspecError(f"{file}: speculators model type {cfg.get('speculators_model_type')!r} is not supported "
+                            "(featspec drafts with eagle3 speculators)")
+    layer = cfg.get("transformer_layer_config")
+    if not isinstance(layer, dict):
+        raise FeatspecError(f"{file}: transformer_layer_config must be an object")
+    flat = {**layer, **{k: v for k, v in cfg.items() if k not in ("transformer_layer_config", "architectures")}}
+    flat["architectures"] = [EAGLE3_ARCH]
+    flat["_layout"] = "speculators"
+    return flat
 
 
 def resolve_head_dir(spec: str) -> Path:
@@ -166,11 +226,27 @@ def resolve_head_dir(spec: str) -> Path:
     raise FeatspecError(f"head '{spec}' not found: pass a head directory (config.json + model.safetensors) or a hub id")
 
 
+def layer_ids_from_engine_config(cfg: dict) -> list[int] | None:
+    """A third-party head's layer ids in featspec's meaning (HF hidden_states indices), from the keys the engines
+    read (docs/export.md): a top-level `eagle_aux_hidden_state_layer_ids` is vLLM's, speculators' and llama.cpp's
+    (id k = the input of layer k: the same meaning); SGLang reads it only under `eagle_config` and adds 1."""
+    ids = cfg.get("eagle_aux_hidden_state_layer_ids")
+    if ids:
+        return ids
+    nested = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") if isinstance(
+        cfg.get("eagle_config"), dict) else None
+    if nested and isinstance(nested, list) and all(isinstance(i, int) for i in nested):
+        return [i + 1 for i in nested]
+    return nested or None
+
+
 def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DraftHead:
     """Load an EAGLE-1 or EAGLE-3 head from a directory or hub id; checks keys and shapes."""
     path = resolve_head_dir(str(spec))
     cfg = read_head_config(path)
     tensors = _read_tensors(path)
+    if cfg.get("_layout") == "speculators":  # speculators names the decoder layer layers.0, vLLM/SGLang midlayer
+        tensors = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in tensors.items()}
     fs = cfg.get("featspec") or {}
     is3 = EAGLE3_ARCH in (cfg.get("architectures") or []) or "midlayer.self_attn.q_proj.weight" in tensors
     hidden = cfg["hidden_size"]
@@ -193,9 +269,7 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
         norm_before_residual=bool(cfg.get("norm_before_residual", False)),
     )
     if is3:
-        ids = fs.get("layer_ids")
-        if ids is None and cfg.get("eagle_aux_hidden_state_layer_ids"):
-            ids = [i + 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
+        ids = fs.get("layer_ids", layer_ids_from_engine_config(cfg))
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                                       and i >= 0 for i in ids)):
             raise FeatspecError(f"{path}/config.json: layer ids {ids!r} must be a list of non-negative integers")
@@ -249,17 +323,24 @@ def validate_against(head: DraftHead, target_cfg, spec: str = "target") -> None:
             raise FeatspecError("head's d2t/t2d are inconsistent with its draft vocabulary: re-export the head")
 
 
-def export_head(src: str, fmt: str, out: Path) -> dict:
-    """Write a checked copy of a head for vLLM or SGLang; returns a summary."""
-    if fmt not in ("vllm", "sglang"):
-        raise FeatspecError(f"unknown format '{fmt}': use vllm or sglang")
+def export_head(src: str, fmt: str, out: Path, dtype: str | None = None, verifier: str | None = None) -> dict:
+    """Write a checked copy of a head for vLLM, SGLang or speculators, in its stored dtype unless `dtype` is
+    given; returns a summary."""
+    if fmt not in ENGINES:
+        raise FeatspecError(f"unknown format '{fmt}': use one of {', '.join(ENGINES)}")
     head = load_head(src, dtype=None)
+    if fmt != "vllm" and not isinstance(head, Eagle3Head):
+        raise FeatspecError(f"--format {fmt} holds EAGLE-3 heads; {src} is an {head.kind} head (use --format vllm)")
     cfg_src = read_head_config(resolve_head_dir(src))
-    dtype = head.fc.weight.dtype
-    save_head(head, out, dtype=dtype, extra={k: v for k, v in (cfg_src.get("featspec") or {}).items()
-                                            if k not in ("kind", "target_num_layers", "layer_ids")})
+    out_dtype = getattr(torch, dtype or head.stored_dtype)
+    save_head(head, out, dtype=out_dtype, engine=fmt, verifier=verifier,
+              extra={k: v for k, v in (cfg_src.get("featspec") or {}).items()
+                     if k not in ("kind", "target_num_layers", "layer_ids")})
     reloaded = load_head(out, dtype=None)
+    if isinstance(head, Eagle3Head) and tuple(reloaded.layer_ids) != tuple(head.layer_ids):
+        raise FeatspecError(f"export check failed: layer ids {reloaded.layer_ids} read back, {head.layer_ids} written")
     for (k, a), (_, b) in zip(head.state_dict().items(), reloaded.state_dict().items()):
-        if not torch.equal(a, b):
+        if not torch.equal(a.to(out_dtype) if a.is_floating_point() else a, b.to(out_dtype) if b.is_floating_point() else b):
             raise FeatspecError(f"export check failed: tensor {k} changed on reload")
-    return {"kind": head.kind, "format": fmt, "tensors": len(head.state_dict()), "out": str(out)}
+    return {"kind": head.kind, "format": fmt, "tensors": len(head.state_dict()), "out": str(out),
+            "dtype": str(out_dtype).replace("torch.", "")}

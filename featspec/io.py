@@ -40,6 +40,9 @@ def atomic_dir_write(out: str | Path, write: Callable[[Path], None]) -> None:
     out = check_destination(out, "output", directory=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a head is read by servers running as other users
     try:
         write(tmp)
         old = out.with_name(out.name + ".old")

@@ -87,9 +87,9 @@ def converter_config(cfg: dict, layer_ids: list[int]) -> dict:
     return out
 
 
-def export_gguf(head_spec: str, target_dir: Path, tree: Path, out: Path, dtype: str = "float32") -> dict:
-    """Write `head_spec` (an EAGLE-3 head) as the draft GGUF `llama-server --spec-type draft-eagle3` loads,
-    then check the written metadata against the head."""
+def export_gguf(head_spec: str, target_dir: Path, tree: Path, out: Path, dtype: str | None = None) -> dict:
+    """Write `head_spec` (an EAGLE-3 head) as the draft GGUF `llama-server --spec-type draft-eagle3` loads, in
+    `dtype` (default: the head's stored dtype), then check the written metadata against the head."""
     from transformers import AutoConfig
 
     from featspec.formats import head_config_json, head_tensors, load_head, validate_against
@@ -103,7 +103,7 @@ def export_gguf(head_spec: str, target_dir: Path, tree: Path, out: Path, dtype: 
     validate_against(head, target_cfg, str(target_dir))
     if len(head.layer_ids) != 3:
         raise FeatspecError(f"llama.cpp's EAGLE-3 reads exactly 3 target layers; this head fuses {len(head.layer_ids)}")
-    kind = outtype(dtype)
+    kind = outtype(dtype or head.stored_dtype)
     import torch
     from safetensors.torch import save_file
 

