@@ -397,3 +397,22 @@ def ceiling_table(costs: CostModel, context: int, draft: dict | None) -> list[tu
         p = by_nodes[n - 1]
         rows.append((n, p.depth, p.expected_tokens, p.step_s / plain_s, p.speedup))
     return rows
+
+
+def bf16_matmul_is_fast(size: int = 384, reps: int = 3) -> bool:
+    """Whether a bf16 matmul beats fp32 here (native bf16: AMX, AVX512-BF16, CUDA) or is emulated (AVX2),
+    measured in a few ms rather than guessed from flags (ATEN / oneDNN limits hide what the CPU has)."""
+    if torch.cuda.is_available():
+        return True
+    a = torch.randn(size, size)
+
+    def best(x: torch.Tensor) -> float:
+        x @ x  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(a.bfloat16()) < best(a)

@@ -52,14 +52,18 @@ class PrepareConfig:
     seed: int = 0
     roles: tuple[str, ...] = ("target", "drafter")  # which models this run trains
     init: Path | None = None  # a mini run (INIT/target, INIT/drafter) whose weights each trained role starts from
+    backbone_dtype: str = "bfloat16"  # the frozen language backbone's dtype while training (weights save as bf16)
 
     @classmethod
     def tiny(cls, out: Path) -> "PrepareConfig":
         """A minute-scale end-to-end run (tests): 2-layer backbones, a 1-layer tower, a handful of steps."""
         spec = MiniSpec(vision_hidden=32, vision_layers=1, vision_heads=2, drafter_layers=1, lora_rank=2,
                         extra={"target_layers": 2})
+        from featspec.costmodel import bf16_matmul_is_fast
+
+        # a smoke run takes the fast dtype: emulated bf16 (AVX2-only CPUs) made it 20x slower
         return cls(out=out, spec=spec, n_train=24, probe_steps={"video": 3, "events": 3}, probe_batch=8, qa_steps={"video": 3, "events": 3},
-                   qa_batch=2, checkpoint_every=2)
+                   qa_batch=2, checkpoint_every=2, backbone_dtype="bfloat16" if bf16_matmul_is_fast() else "float32")
 
 
 # ---------- the probe stage: local labels for the vision tower ----------
@@ -477,8 +481,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         t1 = time.time()
         vlm = build(cfg.spec, backbone)
         lang = vlm.model.model.language_model if vlm.kind == "video" else vlm.model.model
-        lang.to(torch.bfloat16)  # the frozen backbone runs in bf16; towers, projectors and LoRA train in fp32
-        vlm.model.lm_head.to(torch.bfloat16)
+        lang.to(getattr(torch, cfg.backbone_dtype))  # the frozen backbone; towers, projectors and LoRA train in fp32
+        vlm.model.lm_head.to(getattr(torch, cfg.backbone_dtype))
         for name in ("video_tower", "image_tower", "multi_modal_projector", "visual_tower", "visual_projector", "feature_adaptor"):
             if hasattr(vlm.model.model, name):
                 getattr(vlm.model.model, name).float()
