@@ -203,10 +203,6 @@ def cmd_train(args) -> int:
         cache_features=args.cache_features, skip_conversations=args.skip_conversations,
         layer_ids=_int_list(args.layer_ids, "--layer-ids"),
     )
-    if cfg.skip_conversations < 0:
-        raise FeatspecError(f"--skip-conversations must be >= 0, got {cfg.skip_conversations}")
-    if cfg.lr <= 0:
-        raise FeatspecError(f"--lr must be > 0, got {cfg.lr}")
     train(cfg, resume=args.resume, command="featspec " + " ".join(sys.argv[1:]))
     return 0
 
@@ -226,15 +222,12 @@ def cmd_export(args) -> int:
 
     if args.format == "gguf":
         from featspec.llamacpp.bench import target_dir
-        from featspec.llamacpp.convert import export_gguf
+        from featspec.llamacpp.convert import export_gguf, target_gguf
         from featspec.llamacpp.source import converter_tree
         from featspec.models.registry import DEFAULT_TARGET
 
-        out = Path(args.out)
-        if out.suffix != ".gguf" or out.is_dir():
+        if out.suffix != ".gguf":  # check_destination above already refused a directory
             raise FeatspecError(f"--out {args.out}: name the draft GGUF file to write, e.g. head.gguf")
-        from featspec.llamacpp.convert import target_gguf
-
         tdir = target_dir(args.target or DEFAULT_TARGET)
         tree = converter_tree(args.llama_cpp)
         info = export_gguf(args.head, tdir, tree, out, args.outtype)
@@ -320,8 +313,6 @@ def _settle_dtype(args, lm, method: str | None) -> str:
 def _sampling(args):
     from featspec.sampling import SamplingConfig
 
-    if args.max_new_tokens < 1:
-        raise FeatspecError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 

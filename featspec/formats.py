@@ -119,7 +119,7 @@ def save_head(head: DraftHead, out: Path, dtype: torch.dtype = torch.bfloat16, e
     tensors = head_tensors(head, dtype)
     cfg = head_config_json(head, str(dtype).replace("torch.", ""), extra, engine, verifier)
     if engine == "speculators":
-        tensors = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v for k, v in tensors.items()}
+        tensors = _renamed(tensors, "midlayer.", "layers.0.")
 
     def write(d: Path) -> None:
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -128,6 +128,11 @@ def save_head(head: DraftHead, out: Path, dtype: torch.dtype = torch.bfloat16, e
             (d / "README.md").write_text(card)
 
     atomic_dir_write(Path(out), write)
+
+
+def _renamed(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    """Tensor names with the prefix `old` swapped for `new` (the decoder layer's name differs by layout)."""
+    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in tensors.items()}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -233,11 +238,11 @@ def layer_ids_from_engine_config(cfg: dict) -> list[int] | None:
     ids = cfg.get("eagle_aux_hidden_state_layer_ids")
     if ids:
         return ids
-    nested = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") if isinstance(
-        cfg.get("eagle_config"), dict) else None
-    if nested and isinstance(nested, list) and all(isinstance(i, int) for i in nested):
+    eagle = cfg.get("eagle_config")
+    nested = eagle.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle, dict) else None
+    if isinstance(nested, list) and nested and all(isinstance(i, int) for i in nested):
         return [i + 1 for i in nested]
-    return nested or None
+    return nested or None  # anything else is left for load_head's check of the ids to refuse
 
 
 def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DraftHead:
@@ -246,7 +251,7 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
     cfg = read_head_config(path)
     tensors = _read_tensors(path)
     if cfg.get("_layout") == "speculators":  # speculators names the decoder layer layers.0, vLLM/SGLang midlayer
-        tensors = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in tensors.items()}
+        tensors = _renamed(tensors, "layers.0.", "midlayer.")
     fs = cfg.get("featspec") or {}
     is3 = EAGLE3_ARCH in (cfg.get("architectures") or []) or "midlayer.self_attn.q_proj.weight" in tensors
     hidden = cfg["hidden_size"]

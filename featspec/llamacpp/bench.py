@@ -7,14 +7,13 @@ the flag sweep on prompts outside the benchmarked ones, and stops every server i
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 import torch
 
 from featspec.errors import FeatspecError
-from featspec.llamacpp.convert import dir_key, export_gguf, outtype, target_gguf
+from featspec.llamacpp.convert import cached_gguf, export_gguf, outtype, target_gguf
 from featspec.llamacpp.flags import FlagChoice, cli_flags, cost_lines, explain, sweep, verify_costs
 from featspec.llamacpp.server import LlamaServer
 from featspec.llamacpp.source import resolve_tree, version
@@ -90,16 +89,10 @@ class LlamaCppSession:
         if self.head_gguf is None:
             from featspec.drafters import shipped_head
             from featspec.formats import resolve_head_dir
-            from featspec.io import cache_root
 
             src = resolve_head_dir(self.head_spec) if self.head_spec else shipped_head(self.lm.spec, "eagle3")
-            kind = outtype(self.dtype)
-            key = hashlib.sha1(f"{dir_key(src)} {dir_key(self.tdir)} {kind} {version(self.tree)}".encode()).hexdigest()[:16]
-            out = cache_root() / "llamacpp" / "gguf" / f"head-{src.name}-{kind}-{key}.gguf"
-            if not out.exists():
-                print(f"featspec: converting head {src} to GGUF ({kind}) for llama.cpp, once", file=sys.stderr, flush=True)
-                export_gguf(str(src), self.tdir, self.tree, out, self.dtype)
-            self.head_gguf = out
+            self.head_gguf = cached_gguf(f"head-{src.name}", [src, self.tdir], outtype(self.dtype), self.tree,
+                                         lambda out: export_gguf(str(src), self.tdir, self.tree, out, self.dtype))
         return self.head_gguf
 
     def flags(self) -> dict | None:

@@ -21,9 +21,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from featspec.errors import FeatspecError
-from featspec.io import cache_root
+from featspec.io import atomic_write, cache_root
 from featspec.llamacpp.source import version
 
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "f32": "f32", "bf16": "bf16"}
@@ -38,24 +39,20 @@ def outtype(dtype: str) -> str:
 
 
 def _run_converter(tree: Path, src: Path, out: Path, kind: str, target_dir: Path | None = None) -> None:
-    """Run llama.cpp's convert_hf_to_gguf.py (with its own gguf-py) into a temp file, then rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".gguf", dir=out.parent)
-    os.close(fd)
-    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(src), "--outfile", tmp, "--outtype", kind]
-    if target_dir is not None:
-        cmd += ["--target-model-dir", str(target_dir)]
+    """Run llama.cpp's convert_hf_to_gguf.py (with its own gguf-py) through the atomic writer."""
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-    try:
+
+    def convert(tmp: Path) -> None:
+        cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(src), "--outfile", str(tmp), "--outtype", kind]
+        if target_dir is not None:
+            cmd += ["--target-model-dir", str(target_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             hint = " (pip install sentencepiece)" if "sentencepiece" in tail else ""
             raise FeatspecError(f"llama.cpp's converter failed on {src}{hint}: {tail}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(out, convert)
 
 
 def dir_key(path: Path) -> str:
@@ -68,16 +65,23 @@ def dir_key(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def target_gguf(tree: Path, target_dir: Path, dtype: str) -> Path:
-    """The target converted once per (weights, dtype, llama.cpp), cached under the featspec cache."""
-    kind = outtype(dtype)
-    key = hashlib.sha1(f"{dir_key(target_dir)} {kind} {version(tree)}".encode()).hexdigest()[:16]
-    out = cache_root() / "llamacpp" / "gguf" / f"{Path(target_dir).name}-{kind}-{key}.gguf"
+def cached_gguf(name: str, sources: list[Path], kind: str, tree: Path, make: Callable[[Path], None]) -> Path:
+    """A GGUF converted once per (source directories' contents, tensor type, llama.cpp), kept in the cache."""
+    parts = " ".join(dir_key(s) for s in sources)
+    key = hashlib.sha1(f"{parts} {kind} {version(tree)}".encode()).hexdigest()[:16]
+    out = cache_root() / "llamacpp" / "gguf" / f"{name}-{kind}-{key}.gguf"
     if not out.exists():
-        print(f"featspec: converting {target_dir} to GGUF ({kind}) for llama.cpp, once (cached at {out})",
+        print(f"featspec: converting {sources[0]} to GGUF ({kind}) for llama.cpp, once (cached at {out})",
               file=sys.stderr, flush=True)
-        _run_converter(tree, Path(target_dir), out, kind)
+        make(out)
     return out
+
+
+def target_gguf(tree: Path, target_dir: Path, dtype: str) -> Path:
+    """The target converted once per (weights, dtype, llama.cpp)."""
+    kind = outtype(dtype)
+    return cached_gguf(Path(target_dir).name, [Path(target_dir)], kind, tree,
+                       lambda out: _run_converter(tree, Path(target_dir), out, kind))
 
 
 def converter_config(cfg: dict, layer_ids: list[int]) -> dict:
