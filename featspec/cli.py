@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--head", default=None, help="check: an EAGLE-3 head directory (default: the shipped head)")
     lc.add_argument("--no-sweep", dest="sweep", action="store_false", help="check: skip the draft-flag sweeps")
 
-    from featspec.crossmodal.cli import add_parser as add_xmodal
+    from featspec.xmodal.cli import add_parser as add_xmodal
 
     add_xmodal(sub)
     return parser
@@ -516,7 +516,7 @@ def _main(argv: list[str] | None) -> int:
     hf_logging.set_verbosity_error()
     try:
         if args.command == "xmodal":
-            from featspec.crossmodal.cli import run as run_xmodal
+            from featspec.xmodal.cli import run as run_xmodal
 
             return run_xmodal(args)
         return globals()[COMMANDS[args.command]](args)

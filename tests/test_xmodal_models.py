@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from featspec.cli import main
-from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX, EventChatConfig, EventChatModel
-from featspec.crossmodal.real import load_eventgpt, load_video_llava
-from featspec.crossmodal.train import PrepareConfig, prepare
-from featspec.crossmodal.vlm import load_mini
+from featspec.xmodal.models.eventchat import EVENT_TOKEN_INDEX, EventChatConfig, EventChatModel
+from featspec.xmodal.models.real import load_eventgpt, load_video_llava
+from featspec.xmodal.train.prepare import PrepareConfig, prepare
+from featspec.xmodal.models.vlm import load_mini
 from featspec.models.registry import resolve_source
 
 
@@ -171,9 +171,9 @@ def test_tiny_eventgpt_checkpoint_loads_in_its_layout(tmp_path):
 def test_packed_turns_equal_single_turn_prompts(tiny_run, role):
     """Training packs every question of a clip after one visual prefix; each turn's loss must equal the
     loss of that question asked alone (the inference prompt), so packing changes cost, not the objective."""
-    from featspec.crossmodal.scenes import WorldConfig
-    from featspec.crossmodal.train import qa_loss, qa_rows
-    from featspec.crossmodal.world import build_split
+    from featspec.xmodal.world.scenes import WorldConfig
+    from featspec.xmodal.train.prepare import qa_loss, qa_rows
+    from featspec.xmodal.world.clips import build_split
 
     vlm = load_mini(tiny_run / role, torch.float32)
     data = build_split(WorldConfig(), "train", 2, progress=False)
@@ -202,9 +202,9 @@ def test_position_keeper_trains_the_projector_to_keep_positions(tiny_run, role):
     """`--keep-weight`: probe heads on the projected visual tokens (the target's video tokens, the drafter's
     time-averaged event tokens) and on the language model's states there; their loss reaches the projector,
     and a few steps on it lower it."""
-    from featspec.crossmodal.scenes import WorldConfig
-    from featspec.crossmodal.train import PositionKeeper, dense_targets, pooled_over_time, qa_loss, qa_rows
-    from featspec.crossmodal.world import build_split
+    from featspec.xmodal.world.scenes import WorldConfig
+    from featspec.xmodal.train.prepare import PositionKeeper, dense_targets, pooled_over_time, qa_loss, qa_rows
+    from featspec.xmodal.world.clips import build_split
 
     torch.manual_seed(0)
     vlm = load_mini(tiny_run / role, torch.float32)
@@ -243,9 +243,9 @@ def test_shipped_minis_load_and_read_counts_and_shapes():
     """The minis shipped in featspec/assets/xmodal load over the PyPI backbone, keep the >= 5x visual-token
     ratio, and the target reads what it was trained to read (fp32 here: 6/8 counts and 7/8 shapes on the
     first 8 test clips when this was written; chance is 1/3 and 1/4)."""
-    from featspec.crossmodal.evaluate import SHIPPED, load_pair
-    from featspec.crossmodal.qa import parse, questions
-    from featspec.crossmodal.world import build_split
+    from featspec.xmodal.evaluate import SHIPPED, load_pair
+    from featspec.xmodal.world.qa import parse, questions
+    from featspec.xmodal.world.clips import build_split
 
     target, drafter, world = load_pair(SHIPPED, torch.float32)
     assert target.visual_tokens == 136 and drafter.visual_tokens == 22
@@ -262,8 +262,8 @@ def test_shipped_minis_load_and_read_counts_and_shapes():
 def test_position_probe_reads_planted_positions_and_runs_on_a_mini(tiny_run):
     """The ridge score finds a position that is linearly in the features and not one that is absent; the probe
     covers the tower, the language model's input and layers, and the answer position."""
-    from featspec.crossmodal.position_probe import position_probe, ridge_corr
-    from featspec.crossmodal.scenes import WorldConfig
+    from featspec.xmodal.train.position_probe import position_probe, ridge_corr
+    from featspec.xmodal.world.scenes import WorldConfig
 
     rng = np.random.default_rng(0)
     y = rng.uniform(size=200)
@@ -279,10 +279,10 @@ def test_attention_guide_reads_the_models_own_attention_and_moves_it(tiny_run):
     """`--attend-weight`: the guide recomputes the attention of its layers at the positions that write a
     quoted coordinate; it must equal the weights the model itself uses (eager attention), mark the named
     object's patches in the named frame, and a few steps on its loss must raise the mass there."""
-    from featspec.crossmodal.guide import AttentionGuide, look_targets
-    from featspec.crossmodal.scenes import WorldConfig
-    from featspec.crossmodal.train import dense_targets, qa_loss, qa_rows, turn_mask
-    from featspec.crossmodal.world import build_split
+    from featspec.xmodal.train.guide import AttentionGuide, look_targets
+    from featspec.xmodal.world.scenes import WorldConfig
+    from featspec.xmodal.train.prepare import dense_targets, qa_loss, qa_rows, turn_mask
+    from featspec.xmodal.world.clips import build_split
 
     torch.manual_seed(0)
     vlm = load_mini(tiny_run / "target", torch.float32)

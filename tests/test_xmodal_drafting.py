@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from featspec.crossmodal.adapter_train import measure, train_adapter
-from featspec.crossmodal.adapters import LEVELS, Adapter, build_adapter
-from featspec.crossmodal.align import align, last_hidden, sequences
-from featspec.crossmodal.qa import question_for
-from featspec.crossmodal.scenes import WorldConfig
-from featspec.crossmodal.vlm import load_mini, to_pixels
-from featspec.crossmodal.world import build_split
-from featspec.drafters.crossmodal import CrossModalDrafter
+from featspec.xmodal.train.adapter import measure, train_adapter
+from featspec.xmodal.drafting.adapters import LEVELS, Adapter, build_adapter
+from featspec.xmodal.drafting.align import align, last_hidden, sequences
+from featspec.xmodal.world.qa import question_for
+from featspec.xmodal.world.scenes import WorldConfig
+from featspec.xmodal.models.vlm import load_mini, to_pixels
+from featspec.xmodal.world.clips import build_split
+from featspec.xmodal.drafting.drafter import CrossModalDrafter
 from featspec.engine import SpeculativeGenerator
 from featspec.models.target import TargetModel
 
@@ -162,7 +162,7 @@ def test_failed_target_prefill_leaves_no_parallel_work_running(world):
 
 
 def test_adapter_save_load_roundtrip(tmp_path):
-    from featspec.crossmodal.adapter_train import load_adapter, save_adapter
+    from featspec.xmodal.train.adapter import load_adapter, save_adapter
 
     emb = torch.nn.Embedding(50, 64)
     for level in LEVELS:
@@ -219,8 +219,8 @@ def test_cli_trains_an_adapter_and_benches_every_drafting_method(tiny_run, tmp_p
 def test_hybrid_drafts_cross_modal_first_then_with_the_targets_head(world, tmp_path, parallel):
     """With parallel prefill (where it pays) the drafter's drafts come first, then the head's; without it the
     head drafts from the first step (the drafter's would come late). Greedy output is the target's either way."""
-    from featspec.crossmodal.bench import Kit, make_drafter
-    from featspec.crossmodal.eagle_head import train_target_head
+    from featspec.xmodal.bench import Kit, make_drafter
+    from featspec.xmodal.train.eagle_head import train_target_head
     from featspec.formats import load_head
 
     target, drafter, data, pairs = world

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featspec.crossmodal.qa import question_for
-from featspec.crossmodal.vlm import VLM
-from featspec.crossmodal.world import SplitData
+from featspec.xmodal.world.qa import question_for
+from featspec.xmodal.models.vlm import VLM
+from featspec.xmodal.world.clips import SplitData
 from featspec.io import torch_save
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from featspec.crossmodal.events import EventConfig, event_images, histogram, load_npy, save_npy, simulate, voxel_grid
-from featspec.crossmodal.lora import apply_lora, lora_state, merge_lora
-from featspec.crossmodal.qa import ATTRIBUTES, NUMBERS, parse, question_for, questions
-from featspec.crossmodal.scenes import SPLITS, WorldConfig, make_scene, render, render_timeline
+from featspec.xmodal.world.events import EventConfig, event_images, histogram, load_npy, save_npy, simulate, voxel_grid
+from featspec.xmodal.models.lora import apply_lora, lora_state, merge_lora
+from featspec.xmodal.world.qa import ATTRIBUTES, NUMBERS, parse, question_for, questions
+from featspec.xmodal.world.scenes import SPLITS, WorldConfig, make_scene, render, render_timeline
 
 
 def _ramp(d_log: float, steps: int = 11, size: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +129,7 @@ def test_reference_answers_parse_to_the_scene_truth():
 def test_motion_answers_state_the_rendered_motion_of_the_named_object():
     """Direction and speed answers name the value at once: it must be the named object's (parsed the way eval
     parses answers), and the answer must quote no cells any more."""
-    from featspec.crossmodal.qa import parse, quoted_cells
+    from featspec.xmodal.world.qa import parse, quoted_cells
 
     cfg = WorldConfig()
     checked = {"direction": 0, "speed": 0}
@@ -150,7 +150,7 @@ def test_motion_answers_state_the_rendered_motion_of_the_named_object():
 
 
 def test_quoted_cells_reads_coordinates_in_order():
-    from featspec.crossmodal.qa import quoted_cells
+    from featspec.xmodal.world.qa import quoted_cells
 
     assert quoted_cells("In Frame 1 the cross is at x 2, y 7, and in Frame 8 it is at x 8, y 7.") == [(2, 7), (8, 7)]
     assert quoted_cells("it is moving right") == []
@@ -161,8 +161,8 @@ def test_grounding_answers_quote_the_rendered_cell_of_the_named_frame():
     prompt labels "Frame k:"), and the answer must name that frame the way direction answers do."""
     import re
 
-    from featspec.crossmodal.qa import grounding
-    from featspec.crossmodal.scenes import object_centres, render_timeline, video_frame_indices
+    from featspec.xmodal.world.qa import grounding
+    from featspec.xmodal.world.scenes import object_centres, render_timeline, video_frame_indices
 
     cfg = WorldConfig()
     times = render_timeline(cfg)[video_frame_indices(len(render_timeline(cfg)))]
@@ -229,8 +229,8 @@ def test_lora_merge_keeps_outputs_and_starts_as_identity():
 def test_probe_labels_cover_every_patch_an_object_covers_and_respect_occlusion():
     """A large square at rest, centred on a patch corner, covers the four patches around it; a circle drawn
     on top of it takes the patches it covers most, and positions point at each label's own object."""
-    from featspec.crossmodal.scenes import Scene, SceneObject
-    from featspec.crossmodal.train import dense_targets
+    from featspec.xmodal.world.scenes import Scene, SceneObject
+    from featspec.xmodal.train.prepare import dense_targets
 
     cfg = WorldConfig(camera_shake=0.0)
     square = SceneObject("square", "red", "large", "spin", "slow", 32.0, 32.0, 0.0, 0.0)
@@ -251,7 +251,7 @@ def test_probe_labels_cover_every_patch_an_object_covers_and_respect_occlusion()
     events = dense_targets(cfg, [both], "events", 16)
     assert int(events["colour"].max()) == 0 and int(events["shape"].max()) > 0  # events carry no colour
     # motion labels: in place (one past the directions), no speed for objects that do not travel
-    from featspec.crossmodal.scenes import DIRECTIONS
+    from featspec.xmodal.world.scenes import DIRECTIONS
 
     assert set(d["motion"][0][d["shape"][0] > 0].tolist()) == {len(DIRECTIONS) + 1}
     assert int(d["speed"].max()) == 0 and int(d["motion"][0][d["shape"][0] == 0].max()) == 0
@@ -266,7 +266,7 @@ def test_probe_labels_cover_every_patch_an_object_covers_and_respect_occlusion()
 def test_pooled_labels_take_each_patch_from_the_middlemost_image_that_covers_it():
     """EventGPT averages its patch tokens over the 5 images: the drafter's keeper labels each patch once, from
     the image nearest the middle in which an object covers it (the one the average holds most of)."""
-    from featspec.crossmodal.train import pooled_over_time
+    from featspec.xmodal.train.prepare import pooled_over_time
 
     shape = torch.tensor([[[1, 0, 0], [0, 2, 0], [0, 0, 0], [0, 3, 0], [0, 0, 4]]])  # (1 clip, 5 images, 3 patches)
     t = {"shape": shape, "motion": shape * 10, "offset": shape[..., None].float().expand(-1, -1, -1, 4),

@@ -61,8 +61,8 @@ def _add_work_args(e) -> None:
 
 def add_drafting_parsers(xs) -> None:
     """train-adapter, adapters (the table) and bench: cross-modal drafting on top of the world."""
-    from featspec.crossmodal.adapters import LEVELS
-    from featspec.crossmodal.bench import METHODS
+    from featspec.xmodal.drafting.adapters import LEVELS
+    from featspec.xmodal.bench import METHODS
 
     t = xs.add_parser("train-adapter", help="align features on train clips (cached) and train one adapter level")
     _add_work_args(t)
@@ -103,7 +103,7 @@ def _work(args) -> Path:
 
 
 def _adapter_dir(args) -> Path:
-    from featspec.crossmodal.evaluate import SHIPPED
+    from featspec.xmodal.evaluate import SHIPPED
 
     if args.adapters:
         return Path(args.adapters).expanduser()
@@ -112,8 +112,8 @@ def _adapter_dir(args) -> Path:
 
 def _pairs(args, stamps: dict[str, str], target, drafter, world, split: str, n: int):
     """Aligned pairs for the first n clips of a split, computed once per (models, dtype, split, n) and cached."""
-    from featspec.crossmodal.align import align, estimate_bytes, save_pairs
-    from featspec.crossmodal.world import build_split
+    from featspec.xmodal.drafting.align import align, estimate_bytes, save_pairs
+    from featspec.xmodal.world.clips import build_split
 
     key = f"{stamps['target'][:8]}{stamps['drafter'][:8]}-{args.dtype}"  # new weights or dtype, new pairs
     path = _work(args) / "pairs" / f"{split}-{n}-{key}.pt"
@@ -166,7 +166,7 @@ def _stamp_adapters(adir: Path, stamps: dict[str, str], roles: tuple[str, ...]) 
 
 
 def _models(args) -> Path:
-    from featspec.crossmodal.evaluate import default_models_dir
+    from featspec.xmodal.evaluate import default_models_dir
 
     return Path(args.models).expanduser() if args.models else default_models_dir()
 
@@ -183,9 +183,9 @@ def run(args) -> int:
         check_destination(args.out, "--out", directory=True)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
     if args.xmodal_command == "prepare":
-        from featspec.crossmodal.evaluate import SHIPPED
-        from featspec.crossmodal.scenes import WorldConfig
-        from featspec.crossmodal.train import PrepareConfig, prepare
+        from featspec.xmodal.evaluate import SHIPPED
+        from featspec.xmodal.world.scenes import WorldConfig
+        from featspec.xmodal.train.prepare import PrepareConfig, prepare
         from featspec.models.registry import cache_root
 
         out = Path(args.out).expanduser() if args.out else cache_root() / "xmodal"
@@ -228,7 +228,7 @@ def run(args) -> int:
               f"(visual tokens {tokens}); evaluate with `featspec xmodal eval --models {out}`")
         return 0
     if args.xmodal_command == "eval":
-        from featspec.crossmodal.evaluate import evaluate, report_markdown
+        from featspec.xmodal.evaluate import evaluate, report_markdown
 
         result = evaluate(_models(args), args.split, args.limit, dtype, args.max_new_tokens)
         print(report_markdown(result))
@@ -237,7 +237,7 @@ def run(args) -> int:
             print(f"wrote {args.json}")
         return 0
     if args.xmodal_command == "show":
-        from featspec.crossmodal.show import show
+        from featspec.xmodal.show import show
 
         info = show(_models(args), args.split, args.index, Path(args.out), dtype)
         print("\n".join(f"{k}: {v}" for k, v in info.items()))
@@ -253,9 +253,9 @@ def _scene_options(args) -> dict:
 
 
 def run_drafting(args) -> int:
-    from featspec.crossmodal.adapter_train import load_adapter, measure, save_adapter, train_adapter
-    from featspec.crossmodal.adapters import LEVELS
-    from featspec.crossmodal.evaluate import load_pair
+    from featspec.xmodal.train.adapter import load_adapter, measure, save_adapter, train_adapter
+    from featspec.xmodal.drafting.adapters import LEVELS
+    from featspec.xmodal.evaluate import load_pair
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     scene_changes = _scene_options(args) if args.xmodal_command == "bench" else {}
@@ -278,8 +278,8 @@ def run_drafting(args) -> int:
         print(f"{args.level}: val top-1 {stats['top1']:.3f}, cosine {stats['cosine']:.3f}, {stats['params']} params; wrote {out}")
         return 0
     if args.xmodal_command == "train-eagle3":
-        from featspec.crossmodal.eagle_head import train_target_head
-        from featspec.crossmodal.world import build_split
+        from featspec.xmodal.train.eagle_head import train_target_head
+        from featspec.xmodal.world.clips import build_split
 
         if args.clips < 8:
             raise FeatspecError(f"--clips must be >= 8, got {args.clips}")
@@ -309,8 +309,8 @@ def run_drafting(args) -> int:
         if args.json:
             write_json({"split": args.split, "limit": args.limit, "levels": table}, args.json, indent=1)
         return 0
-    from featspec.crossmodal.bench import Kit, markdown, plot, run_bench
-    from featspec.crossmodal.world import build_split
+    from featspec.xmodal.bench import Kit, markdown, plot, run_bench
+    from featspec.xmodal.world.clips import build_split
 
     for ad in adapters.values():
         ad.to(dtype)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featspec.crossmodal.align import atomic_torch_save
-from featspec.crossmodal.qa import questions
-from featspec.crossmodal.vlm import VLM, to_pixels
-from featspec.crossmodal.world import SplitData
+from featspec.xmodal.drafting.align import atomic_torch_save
+from featspec.xmodal.world.qa import questions
+from featspec.xmodal.models.vlm import VLM, to_pixels
+from featspec.xmodal.world.clips import SplitData
 from featspec.train.data import Example, collate
 from featspec.train.losses import target_batch
 from featspec.train.trainer import HeadLoss, TrainConfig, build_head, lr_lambda

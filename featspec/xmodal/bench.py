@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featspec.crossmodal.adapters import LEVELS
-from featspec.crossmodal.qa import question_for
-from featspec.crossmodal.vlm import VLM, to_pixels
-from featspec.crossmodal.world import SplitData
-from featspec.drafters.crossmodal import CrossModalDrafter
+from featspec.xmodal.drafting.adapters import LEVELS
+from featspec.xmodal.world.qa import question_for
+from featspec.xmodal.models.vlm import VLM, to_pixels
+from featspec.xmodal.world.clips import SplitData
+from featspec.xmodal.drafting.drafter import CrossModalDrafter
 from featspec.drafters.eagle import FeatureDrafter
-from featspec.drafters.hybrid import HybridDrafter
+from featspec.xmodal.drafting.hybrid import HybridDrafter
 from featspec.engine import SpeculativeGenerator
 from featspec.errors import FeatspecError
 from featspec.models.target import TargetModel

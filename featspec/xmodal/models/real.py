@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from featspec.crossmodal.eventchat import EventChatConfig, EventChatModel
-from featspec.crossmodal.vlm import VLM
+from featspec.xmodal.models.eventchat import EventChatConfig, EventChatModel
+from featspec.xmodal.models.vlm import VLM
 from featspec.errors import FeatspecError
 
 VIDEO_LLAVA_TEMPLATE = "USER: {visual}\n{question} ASSISTANT:"

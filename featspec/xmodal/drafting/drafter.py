@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from featspec.crossmodal.adapters import Adapter
-from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX
+from featspec.xmodal.drafting.adapters import Adapter
+from featspec.xmodal.models.eventchat import EVENT_TOKEN_INDEX
 from featspec.drafters.base import DraftContext
 from featspec.drafters.small_model import ModelDrafter
 from featspec.models.kv import cache_kwargs, truncate_cache

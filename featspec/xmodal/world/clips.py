@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featspec.crossmodal.events import EventConfig, event_images, luminance, simulate
-from featspec.crossmodal.scenes import Scene, WorldConfig, make_scene, render, render_timeline, video_frame_indices
+from featspec.xmodal.world.events import EventConfig, event_images, luminance, simulate
+from featspec.xmodal.world.scenes import Scene, WorldConfig, make_scene, render, render_timeline, video_frame_indices
 
 WORLD_EVENTS = EventConfig(c_pos=0.2, c_neg=0.2, refractory_us=500, noise_hz=0.1)
 

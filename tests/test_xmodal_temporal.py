@@ -1,9 +1,9 @@
-"""The target tower's divided space-time attention (`featspec.crossmodal.temporal`)."""
+"""The target tower's divided space-time attention (`featspec.xmodal.models.temporal`)."""
 
 import pytest
 import torch
 
-from featspec.crossmodal.temporal import TemporalMixer, add_temporal_attention
+from featspec.xmodal.models.temporal import TemporalMixer, add_temporal_attention
 
 
 def _tower(layers: int = 2):

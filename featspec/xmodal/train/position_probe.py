@@ -6,7 +6,7 @@ there (the language model's input), the language model's states at that token, a
 answer position that writes the first x digit of a grounding answer ("In Frame 1 the cross is at x 2, y 7";
 direction answers no longer quote cells). The score is the correlation of
 prediction and truth on held-out clips. Used for docs/crossmodal.md; run it as
-`python -m featspec.crossmodal.position_probe --models DIR [--clips 400]`.
+`python -m featspec.xmodal.train.position_probe --models DIR [--clips 400]`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featspec.crossmodal.qa import _in_frame, _ref
-from featspec.crossmodal.scenes import WorldConfig, object_centres, render_timeline, video_frame_indices
-from featspec.crossmodal.train import coordinate_slots, tower_tokens
-from featspec.crossmodal.vlm import VLM, language_of, load_mini, to_pixels
-from featspec.crossmodal.world import build_split
+from featspec.xmodal.world.qa import _in_frame, _ref
+from featspec.xmodal.world.scenes import WorldConfig, object_centres, render_timeline, video_frame_indices
+from featspec.xmodal.train.prepare import coordinate_slots, tower_tokens
+from featspec.xmodal.models.vlm import VLM, language_of, load_mini, to_pixels
+from featspec.xmodal.world.clips import build_split
 
 
 @torch.no_grad()

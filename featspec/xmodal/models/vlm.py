@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX, EventChatConfig, EventChatModel, n_event_tokens
-from featspec.crossmodal.lora import apply_lora, merge_lora
-from featspec.crossmodal.temporal import add_temporal_attention
+from featspec.xmodal.models.eventchat import EVENT_TOKEN_INDEX, EventChatConfig, EventChatModel, n_event_tokens
+from featspec.xmodal.models.lora import apply_lora, merge_lora
+from featspec.xmodal.models.temporal import add_temporal_attention
 from featspec.errors import FeatspecError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

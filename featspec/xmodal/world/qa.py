@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featspec.crossmodal.scenes import COLOURS, SHAPES, Scene, SceneObject
+from featspec.xmodal.world.scenes import COLOURS, SHAPES, Scene, SceneObject
 
 ATTRIBUTES = ("direction", "count", "shape", "colour", "speed")
 GRID = 10  # grounding answers ("where is X in frame k?") quote cells on a GRID x GRID grid

@@ -9,7 +9,7 @@ over at any step with its state in sync.
 from __future__ import annotations
 
 from featspec.drafters.base import DraftContext
-from featspec.drafters.crossmodal import CrossModalDrafter
+from featspec.xmodal.drafting.drafter import CrossModalDrafter
 from featspec.drafters.eagle import FeatureDrafter
 from featspec.models.target import VerifyOutput
 from featspec.tree import DraftTree

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from featspec.crossmodal.qa import question_for
-from featspec.crossmodal.world import make_clip
+from featspec.xmodal.world.qa import question_for
+from featspec.xmodal.world.clips import make_clip
 from featspec.io import save_figure
 
 
@@ -17,7 +17,7 @@ def show(models: Path, split: str, index: int, out: Path, dtype: torch.dtype = t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from featspec.crossmodal.evaluate import load_pair
+    from featspec.xmodal.evaluate import load_pair
 
     target, drafter, world = load_pair(models, dtype)
     clip = make_clip(world, split, index)

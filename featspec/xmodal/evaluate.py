@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from featspec.crossmodal.qa import ATTRIBUTES, parse, question_for
-from featspec.crossmodal.scenes import DIRECTIONS, WorldConfig
-from featspec.crossmodal.vlm import VLM, _backbone, MiniSpec, load_mini
-from featspec.crossmodal.world import build_split
+from featspec.xmodal.world.qa import ATTRIBUTES, parse, question_for
+from featspec.xmodal.world.scenes import DIRECTIONS, WorldConfig
+from featspec.xmodal.models.vlm import VLM, _backbone, MiniSpec, load_mini
+from featspec.xmodal.world.clips import build_split
 from featspec.errors import FeatspecError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "xmodal"

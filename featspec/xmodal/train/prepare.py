@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from featspec.crossmodal.eventchat import EVENT_TOKEN_INDEX
-from featspec.crossmodal.guide import AttentionGuide, look_targets
-from featspec.crossmodal.qa import GRID, grounding, questions
-from featspec.crossmodal.scenes import DIRECTIONS, Scene, WorldConfig
-from featspec.crossmodal.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
-from featspec.crossmodal.world import SplitData, build_split
+from featspec.xmodal.models.eventchat import EVENT_TOKEN_INDEX
+from featspec.xmodal.train.guide import AttentionGuide, look_targets
+from featspec.xmodal.world.qa import GRID, grounding, questions
+from featspec.xmodal.world.scenes import DIRECTIONS, Scene, WorldConfig
+from featspec.xmodal.models.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
+from featspec.xmodal.world.clips import SplitData, build_split
 from featspec.io import atomic_dir_write, write_json
 
 
@@ -80,7 +80,7 @@ def dense_targets(world: WorldConfig, scenes: list[Scene], kind: str, patch: int
     large object is uniformly filled, and the shape shows only at the edges, in the neighbours (with
     centre-only labels the tower learned colours, 95 %, but shapes at 36 %, near the 25 % of chance).
     Events get no colour (they carry none)."""
-    from featspec.crossmodal.scenes import object_centres, object_masks, render_timeline, video_frame_indices
+    from featspec.xmodal.world.scenes import object_centres, object_masks, render_timeline, video_frame_indices
 
     if kind == "video":
         times = render_timeline(world)
@@ -450,7 +450,7 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
 
 
 def _save(ckpt: Path, vlm: VLM, probe: DenseProbe, keeper: PositionKeeper | None, opt, sched, meta: dict) -> None:
-    from featspec.crossmodal.vlm import trained_state
+    from featspec.xmodal.models.vlm import trained_state
 
     def write(d: Path) -> None:
         blob = {"model": trained_state(vlm), "probe": probe.state_dict(), "meta": meta}
@@ -466,7 +466,7 @@ def _save(ckpt: Path, vlm: VLM, probe: DenseProbe, keeper: PositionKeeper | None
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Data, then target and drafter; writes OUT/target and OUT/drafter (loadable with `load_mini`)."""
-    from featspec.crossmodal.vlm import _backbone
+    from featspec.xmodal.models.vlm import _backbone
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

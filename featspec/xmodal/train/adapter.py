@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from featspec.crossmodal.adapters import Adapter, adapter_loss, build_adapter
-from featspec.crossmodal.align import atomic_torch_save, sequences
+from featspec.xmodal.drafting.adapters import Adapter, adapter_loss, build_adapter
+from featspec.xmodal.drafting.align import atomic_torch_save, sequences
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 

@@ -1,0 +1,1 @@
+"""Cross-modal drafting on the core protocol: adapters, the event drafter, the hybrid, aligned pairs."""

@@ -1,0 +1,1 @@
+"""The cross-modal world: procedural clips, the event simulator, questions and answers."""
