@@ -208,7 +208,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from featspec.formats import export_head, resolve_head_dir
+    from featspec.heads.checkpoint import export_head, resolve_head_dir
     from featspec.validate import check_destination
 
     head_dir = resolve_head_dir(args.head).resolve()
@@ -280,7 +280,7 @@ def _load_target(args, method: str | None):
     from featspec.models import load_model
 
     if args.head and method is not None and method.startswith("eagle"):
-        from featspec.formats import resolve_head_dir
+        from featspec.heads.checkpoint import resolve_head_dir
 
         resolve_head_dir(args.head)  # a missing head is said before a model loads or a machine is measured
     return load_model(args.target, "float32" if args.dtype == "auto" else args.dtype)
@@ -295,14 +295,14 @@ def _settle_dtype(args, lm, method: str | None) -> str:
 
     import torch
 
-    from featspec.costmodel import choose_dtype
+    from featspec.drafters.cost import choose_dtype
     from featspec.drafters import build_drafter
     from featspec.models.registry import LoadedModel
 
     make = None
     if method is not None and method != "vanilla":
         opts = replace(_draft_options(args), lookup=False)
-        make = lambda m: build_drafter(method, LoadedModel(lm.spec, m, lm.tokenizer), opts)  # noqa: E731
+        make = lambda m, costs: build_drafter(method, LoadedModel(lm.spec, m, lm.tokenizer), opts, costs)  # noqa: E731
     dtype, reason, _ = choose_dtype(lm.model, make)
     if dtype != torch.float32:
         lm.model.to(dtype)
@@ -320,8 +320,8 @@ def cmd_generate(args) -> int:
     from featspec.bench.methods import HFMethod
     from featspec.drafters import DRAFT_METHODS, SHIPPED_HEADS, check_lookup
     from featspec.models.target import TargetModel
-    from featspec.prompts import encode_messages, has_chat_template
-    from featspec.runtime import build_generator
+    from featspec.models.tokens import encode_messages, has_chat_template
+    from featspec.drafters.runtime import build_generator
 
     sampling = _sampling(args)
     if args.method is None:
@@ -405,7 +405,7 @@ def _exactness(args, lm, ids: list[int], ours: list[int], hf_ids: list[int], sam
         return f"exactness: DIFFERS from HF generate in float32 ({_first_diff(ours, hf_ids)}): please report this as a bug"
     from featspec.bench.methods import HFMethod
     from featspec.models import load_model
-    from featspec.runtime import build_generator
+    from featspec.drafters.runtime import build_generator
 
     note = (f"exactness: in {str(lm.dtype).replace('torch.', '')} the output differs from HF generate "
             f"({_first_diff(ours, hf_ids)}): bf16 kernels round a batched verify and a one-token step differently, "
@@ -427,7 +427,7 @@ def _first_diff(a: list[int], b: list[int]) -> str:
 def cmd_calibrate(args) -> int:
     import torch
 
-    from featspec.calibrate import run_calibrate
+    from featspec.bench.calibrate import run_calibrate
 
     from featspec.validate import check_destination
 
@@ -444,7 +444,7 @@ def cmd_bench(args) -> int:
     from featspec.bench.runner import run_bench
     from featspec.io import write_text
     from featspec.validate import check_destination
-    from featspec.costmodel import cost_model
+    from featspec.drafters.cost import cost_model
     from featspec.drafters import check_lookup
     from featspec.models.target import TargetModel
 

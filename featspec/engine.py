@@ -8,10 +8,9 @@ from typing import Callable
 
 import torch
 
-from featspec.drafters.base import DraftContext, Drafter
 from featspec.errors import FeatspecError
-from featspec.guard import Guard
 from featspec.models.target import TargetModel
+from featspec.protocol import DraftContext, Drafter, StepFeedback, StepGuard
 from featspec.sampling import SamplingConfig, process_logits, select_token
 from featspec.tree import DraftTree
 from featspec.verify import verify_greedy, verify_sampling
@@ -63,16 +62,6 @@ class GenerationResult:
         return len(self.new_ids) / self.total_s if self.total_s > 0 else 0.0
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """The ids generation stops on: the generation config's EOS (as HF generate uses), else the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
 def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,7 +76,7 @@ class SpeculativeGenerator:
     the generator: what it measured on one prompt carries over to the next."""
 
     def __init__(self, target: TargetModel, drafter: Drafter, eos_ids: list[int], tokenizer=None,
-                 guard: Guard | None = None):
+                 guard: StepGuard | None = None):
         self.target = target
         self.drafter = drafter
         self.eos_ids = set(eos_ids)
@@ -117,18 +106,14 @@ class SpeculativeGenerator:
             raise ValueError("stop strings need a tokenizer")
         device = self.target.device
         generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
-        wants_hidden = bool(getattr(self.drafter, "wants_hidden", False))
+        wants_hidden = self.drafter.wants_hidden
 
         t0 = _clock(device)
-        begin = getattr(self.drafter, "begin", None)
-        if begin is not None:  # a drafter may start work (its own prefill) that overlaps the target's
-            begin(prompt_ids)
+        self.drafter.begin(prompt_ids)  # a drafter may start work (its own prefill) that overlaps the target's
         try:
             pre = self.target.prefill(prompt_ids, hidden=wants_hidden, extra=prefill_inputs)
         except BaseException:
-            cancel = getattr(self.drafter, "cancel", None)
-            if cancel is not None:  # stop (join) whatever `begin` started before the error leaves generate
-                cancel()
+            self.drafter.cancel()  # stop (join) whatever `begin` started before the error leaves generate
             raise
         first = select_token(pre.logits[-1], sampling, generator)
         self.drafter.start(prompt_ids, pre)
@@ -137,12 +122,14 @@ class SpeculativeGenerator:
         tokens = list(prompt_ids)
         result = GenerationResult(list(prompt_ids), [], "max_new_tokens", prefill_s, 0.0)
         stop = self._append(result, tokens, [first], max_new_tokens, stop_strings, on_token)
+        proposed_at: float | None = None  # when the drafter's last proposal ended (None: the last step had none)
         while stop is None:
             t1 = _clock(device)
             room = min(max_new_tokens - len(result.new_ids), self.target.max_length - self.target.length) - 1
             drafted = self.guard is None or self.guard.drafting()
             if drafted:
-                ctx = DraftContext(tokens, max_depth=room, sampling=sampling, generator=generator)
+                ctx = DraftContext(tokens, max_depth=room, sampling=sampling, generator=generator,
+                                   since_proposal_s=None if proposed_at is None else t1 - proposed_at)
                 tree = self.drafter.propose(ctx).truncated(room)
             else:
                 tree = DraftTree.root(tokens[-1])
@@ -154,11 +141,12 @@ class SpeculativeGenerator:
             else:
                 path, bonus = verify_sampling(tree, process_logits(out.logits, sampling), generator)
             self.target.commit(path)
-            self.drafter.observe(tree, path, bonus, out)
+            self.drafter.observe(StepFeedback(tree, path, bonus, out, proposed=drafted))
             new = [tree.tokens[i] for i in path[1:]] + [bonus]
             before = len(result.new_ids)
             stop = self._append(result, tokens, new, max_new_tokens, stop_strings, on_token)
             t4 = _clock(device)
+            proposed_at = t2 if drafted else None
             step = StepStats(len(tree), len(path) - 1, len(result.new_ids) - before, t2 - t1, t3 - t2, t4 - t3,
                              tree.max_depth(), "" if drafted else self.guard.reason)
             result.steps.append(step)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from featspec.formats import save_head
+from featspec.heads.checkpoint import save_head
 from featspec.heads.eagle3 import Eagle3Head
 from featspec.heads.layers import HeadConfig
 
@@ -81,6 +81,7 @@ def test_odd_but_valid_heads_load_and_say_how(variant, head_dir, tmp_path, capsy
     from safetensors.torch import load_file
 
     from featspec.drafters import load_feature_head
+    from featspec.drafters.runtime import tell
     from featspec.models.registry import LoadedModel
 
     from conftest import build_model
@@ -93,7 +94,7 @@ def test_odd_but_valid_heads_load_and_say_how(variant, head_dir, tmp_path, capsy
         torch.save(tensors, head_dir / "pytorch_model.bin")
     model = build_model(llama_config(layers=6), 0)
     lm = LoadedModel("tiny", model, None)
-    head = load_feature_head("eagle3", lm, str(head_dir))
+    head = load_feature_head("eagle3", lm, str(head_dir), log=tell)
     err = capsys.readouterr().err
     stored = "float16" if variant == "float16" else "bfloat16"
     assert f"(stored in {stored}) runs in float32" in err and head is not None

@@ -162,7 +162,7 @@ def test_head_for_another_target_names_both_sizes(tmp_path, capsys):
     """A head trained for a different target is refused before generation, naming both numbers."""
     import torch
 
-    from featspec.formats import save_head
+    from featspec.heads.checkpoint import save_head
     from featspec.heads.eagle3 import Eagle3Head
     from featspec.heads.layers import HeadConfig
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import build_model, llama_config
 
-from featspec import costmodel
-from featspec.costmodel import CostModel, choose_dtype, cost_model, predict, prior_nodes
+from featspec.drafters import cost as costmodel
+from featspec.drafters.cost import CostModel, choose_dtype, cost_model, predict, prior_nodes
 from featspec.models.target import TargetModel
 
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featspec.budget import Budget, CostCurve
+from featspec.drafters.budget import Budget, CostCurve
 from featspec.drafters.eagle import DEFAULT_STATIC_TREE, FeatureDrafter
 from featspec.drafters.lookup import LookupGraft
 from featspec.engine import SpeculativeGenerator
@@ -162,10 +162,9 @@ def test_lookup_graft_adds_accepted_nodes(trained, name):
     ref = hf_greedy(model, prompt, 60)
     inner = FeatureDrafter(h3, "eagle3", depth=2, topk=2, total_tokens=3)
     graft = LookupGraft(inner, max_extra=12)
-    beyond = []
-    orig = graft.observe
-    graft.observe = lambda tree, path, bonus, out: beyond.append(len(path) - 1 - inner._tree.matched(
-        [tree.tokens[i] for i in path[1:]])) or orig(tree, path, bonus, out)
+    beyond = []  # per step: accepted tokens the graft added beyond the head's own tree (it tells the head)
+    orig = inner.observe
+    inner.observe = lambda step: beyond.append(len(step.path) - 1 - step.accepted_own) or orig(step)
     res = SpeculativeGenerator(TargetModel(model), graft, EOS).generate(prompt, 60)
     assert res.new_ids == ref
     assert sum(graft.grafted) > 0 and sum(beyond) > 0, (graft.grafted, beyond)
@@ -318,7 +317,7 @@ def test_eagle_sampling_is_lossless(kind):
 def test_guard_plain_steps_keep_the_head_in_sync(trained, name):
     """The guard's plain stretches change nothing in the output, and the head, which observes them, drafts
     as well after each stretch as without the guard (its cache and features stay in sync)."""
-    from featspec.guard import Guard
+    from featspec.drafters.guard import Guard
 
     model, _, h3, _, prompts = trained[name]
     committed, drafted, plain = 0, 0, 0

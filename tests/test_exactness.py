@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from featspec.drafters import ModelDrafter, NgramDrafter, NoDraft
-from featspec.drafters.base import DraftContext
+from featspec.protocol import DraftContext, Drafter, StepFeedback
 from featspec.drafters.small_model import truncated_self_draft
-from featspec.engine import SpeculativeGenerator, eos_token_ids
+from featspec.engine import SpeculativeGenerator
+from featspec.models.tokens import eos_token_ids
 from featspec.models.target import TargetModel, VerifyOutput
 from featspec.tree import DraftTree
 
@@ -81,7 +82,7 @@ def check_same_greedy(model, prompt: list[int], got: list[int], ref: list[int], 
     assert got == ref, f"diverges at new token {k}:\n got {got}\n ref {ref}"
 
 
-class OracleDrafter:
+class OracleDrafter(Drafter):
     """Proposes random trees around the known greedy continuation `truth` (prompt + reference)."""
 
     name = "oracle"
@@ -129,7 +130,8 @@ class OracleDrafter:
             on_truth.append(want is not None and tok == want)
         return DraftTree(tokens, parents)
 
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
+    def observe(self, step: StepFeedback) -> None:
+        tree, path, bonus, out = step.tree, step.path, step.bonus, step.out
         assert out.logits.shape == (len(tree), self.vocab)
         assert path[0] == 0 and all(tree.parents[b] == a for a, b in zip(path, path[1:]))
         if not self.history:

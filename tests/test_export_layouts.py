@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from featspec.formats import export_head, load_head, save_head
+from featspec.heads.checkpoint import export_head, load_head, save_head
 from featspec.heads.eagle3 import Eagle3Head, default_layer_ids
 from featspec.heads.layers import HeadConfig
 

@@ -11,7 +11,7 @@ from conftest import build_model, llama_config
 from featspec.drafters.base import NoDraft
 from featspec.drafters.ngram import NgramDrafter
 from featspec.engine import SpeculativeGenerator
-from featspec.guard import Guard
+from featspec.drafters.guard import Guard
 from featspec.models.target import TargetModel
 from featspec.sampling import SamplingConfig
 

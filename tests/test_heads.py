@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featspec.errors import FeatspecError
-from featspec.formats import export_head, load_head, save_head, validate_against
+from featspec.heads.checkpoint import export_head, load_head, save_head, validate_against
 from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head, default_layer_ids
 from featspec.heads.layers import HeadConfig

@@ -134,7 +134,7 @@ def tiny_target_dir(tmp_path_factory):
 def test_export_gguf_writes_non_default_layer_ids(tiny_target_dir, tmp_path, capsys, monkeypatch):
     """A head on layers (1, 3, 7) of an 8-layer target (default would be 2, 4, 5) exports through llama.cpp's
     real converter with exactly those ids, the eagle3 architecture and the 14 tensors llama.cpp loads."""
-    from featspec.formats import save_head
+    from featspec.heads.checkpoint import save_head
 
     tdir, cfg = tiny_target_dir
     hc = HeadConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

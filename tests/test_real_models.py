@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from featspec.drafters import DraftOptions
-from featspec.engine import eos_token_ids
+from featspec.models.tokens import eos_token_ids
 from featspec.models import load_model
 from featspec.models.target import TargetModel
-from featspec.runtime import build_generator
+from featspec.drafters.runtime import build_generator
 
 pytestmark = pytest.mark.real
 

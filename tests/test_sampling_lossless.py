@@ -24,7 +24,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 import featspec.engine
 from featspec.drafters import ModelDrafter
-from featspec.drafters.base import DraftContext
+from featspec.protocol import DraftContext, Drafter
 from featspec.engine import SpeculativeGenerator
 from featspec.errors import FeatspecError
 from featspec.models.target import TargetModel, VerifyOutput
@@ -120,7 +120,7 @@ def run_seeds(target_model, drafter, cfg: SamplingConfig, n_new: int, seeds: ran
     return counts, accepted
 
 
-class PointMassTreeDrafter:
+class PointMassTreeDrafter(Drafter):
     """Deterministic multi-branch trees (q = None everywhere), built from the target's own ranking.
 
     With r1, r2, r3 the target's 3 most likely next tokens and o a token outside the top-k support,
@@ -159,11 +159,9 @@ class PointMassTreeDrafter:
         self.trees.append(tree)
         return tree
 
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        pass
 
 
-class IidSiblingsDrafter:
+class IidSiblingsDrafter(Drafter):
     """Root children are k independent draws from one fixed q (with replacement), each recording q."""
 
     name = "iid-siblings"
@@ -179,8 +177,6 @@ class IidSiblingsDrafter:
         toks = [sample(self.q, ctx.generator) for _ in range(self.k)]
         return DraftTree([ctx.tokens[-1]] + toks, [-1] + [0] * self.k, [None] + [self.q] * self.k)
 
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        pass
 
 
 # ---------------------------------------------------------------- end to end

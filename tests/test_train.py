@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from featspec.errors import FeatspecError
-from featspec.formats import load_head
+from featspec.heads.checkpoint import load_head
 from featspec.models.registry import resolve_source
 from featspec.train.data import render, sharegpt_messages
 from featspec.train.trainer import TrainConfig, train
@@ -86,7 +86,7 @@ def test_trainer_refuses_bad_invocations(tiny_target_dir, tmp_path):
 def test_regenerate_answers_with_the_target_and_caches(tiny_target_dir, tmp_path, monkeypatch):
     """--regenerate trains on the target's own greedy answers; a second run reads them from the cache."""
     from featspec.models.registry import load_model
-    from featspec.prompts import encode_messages
+    from featspec.models.tokens import encode_messages
     from featspec.train.data import load_regenerated
 
     monkeypatch.setenv("FEATSPEC_CACHE", str(tmp_path / "cache"))

@@ -221,7 +221,7 @@ def test_hybrid_drafts_cross_modal_first_then_with_the_targets_head(world, tmp_p
     head drafts from the first step (the drafter's would come late). Greedy output is the target's either way."""
     from featspec.xmodal.bench import Kit, make_drafter
     from featspec.xmodal.train.eagle_head import train_target_head
-    from featspec.formats import load_head
+    from featspec.heads.checkpoint import load_head
 
     target, drafter, data, pairs = world
     train_target_head(target, data, tmp_path, tmp_path / "head", steps=2, batch_size=2, progress=False)

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from featspec.drafters import DRAFT_METHODS, DraftOptions
-from featspec.engine import GenerationResult, eos_token_ids
+from featspec.engine import GenerationResult
+from featspec.models.tokens import eos_token_ids
 from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel
-from featspec.runtime import build_generator
+from featspec.drafters.runtime import build_generator
 from featspec.sampling import SamplingConfig
 
 HF_METHODS = ("hf", "hf-pld")

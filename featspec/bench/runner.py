@@ -20,7 +20,7 @@ from featspec.llamacpp.bench import LLAMACPP_METHODS
 from featspec.drafters import DraftOptions
 from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel
-from featspec.prompts import encode_messages, encode_text, has_chat_template
+from featspec.models.tokens import encode_messages, encode_text, has_chat_template
 from featspec.sampling import SamplingConfig
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from featspec.drafters.base import DraftContext
+from featspec.protocol import DraftContext, Drafter, StepFeedback
 from featspec.heads.base import DraftHead
 from featspec.models.target import VerifyOutput
 from featspec.tree import DraftTree
@@ -53,7 +53,7 @@ class _Node:
     col: int = -1  # cache column once fed
 
 
-class FeatureDrafter:
+class FeatureDrafter(Drafter):
     """One drafter for every feature head; the tree policy is static or dynamic."""
 
     wants_hidden = True
@@ -75,13 +75,12 @@ class FeatureDrafter:
         self.budget = budget
         self.cache = None
         self.pending: torch.Tensor | None = None  # head-space features of committed positions not fed yet
-        # timings of the current step, fed to the budget: drafting before the first level, per level, gap
-        self._end: float | None = None
+        # timings of the current step, fed to the budget: drafting before the first level, per level, and the
+        # engine's seconds from the previous proposal to this one (its verify and bookkeeping)
         self._gap_s: float | None = None
         self._base_s = 0.0
         self._level_s: list[float] = []
         self._top1: list[list[float]] = []  # per drafted level, frontier order (best score first)
-        self._tree: DraftTree | None = None  # the last tree this drafter proposed (a wrapper may graft onto it)
 
     @property
     def device(self) -> torch.device:
@@ -97,17 +96,12 @@ class FeatureDrafter:
             raise RuntimeError("feature drafters need the target's hidden states (wants_hidden)")
         self.cache = self.head.new_cache()
         self.pending = self._fuse(prefill.hidden, slice(None))
-        self._end, self._tree = None, None  # a new prompt: the prefill is no verify step
 
     @torch.inference_mode()
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        if self._tree is None:  # a plain step the engine's guard ran without asking us: nothing to calibrate
-            self._end = None  # and the next draft's gap is not one verify of our tree
-        elif self.budget is not None:  # count only what this drafter proposed: the budget calibrates its own tree
-            own = self._tree.matched([tree.tokens[i] for i in path[1:]])
-            self.budget.update(own, self._base_s, self._level_s, self._top1, self._gap_s)
-        self._tree = None
-        feats = self._fuse(out.hidden, path)
+    def observe(self, step: StepFeedback) -> None:
+        if step.proposed and self.budget is not None:  # a step run without our tree has nothing to calibrate
+            self.budget.update(step.accepted_own, self._base_s, self._level_s, self._top1, self._gap_s)
+        feats = self._fuse(step.out.hidden, step.path)
         self.pending = feats if self.pending is None else torch.cat([self.pending, feats])
 
     def _run(self, feats: torch.Tensor, tokens: list[int], positions: list[int], mask: torch.Tensor | None):
@@ -125,15 +119,9 @@ class FeatureDrafter:
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
-        t0 = time.perf_counter()
         # verify + bookkeeping since the last draft: what the budget's cost curve must account for
-        self._gap_s = t0 - self._end if self._end is not None else None
+        self._gap_s = ctx.since_proposal_s
         self._level_s, self._top1 = [], []
-        tree = self._tree = self._propose(ctx)
-        self._end = time.perf_counter()
-        return tree
-
-    def _propose(self, ctx: DraftContext) -> DraftTree:
         t0 = time.perf_counter()
         root = ctx.tokens[-1]
         depth = min(self.depth, ctx.max_depth)

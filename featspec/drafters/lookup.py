@@ -10,13 +10,15 @@ mass), so verification stays lossless.
 
 from __future__ import annotations
 
-from featspec.drafters.base import DraftContext, Drafter
+from dataclasses import replace
+
 from featspec.drafters.ngram import NgramDrafter
 from featspec.models.target import VerifyOutput
+from featspec.protocol import DraftContext, Drafter, StepFeedback
 from featspec.tree import DraftTree
 
 
-class LookupGraft:
+class LookupGraft(Drafter):
     def __init__(self, inner: Drafter, max_extra: int = 16, depth: int = 10, max_matches: int = 3, max_ngram: int = 4,
                  min_ngram: int = 2):
         if max_extra < 1:
@@ -28,18 +30,30 @@ class LookupGraft:
         self.lookup = NgramDrafter(max_ngram=max_ngram, min_ngram=min_ngram, depth=depth, max_matches=max_matches)
         self.max_extra = max_extra
         self.grafted: list[int] = []  # nodes added per step (for reports and tests)
+        self._own: DraftTree | None = None  # the inner drafter's last tree, before the graft
 
     def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
         self.grafted = []
         self.inner.start(prompt_ids, prefill)
 
     def propose(self, ctx: DraftContext) -> DraftTree:
-        tree = self.inner.propose(ctx)
+        tree = self._own = self.inner.propose(ctx)
         # too short a context or no room left yields no continuations, and grafting nothing returns `tree`
         paths = self.lookup.continuations(ctx.tokens, min(self.lookup.depth, ctx.max_depth))
         out = tree.grafted(paths, len(tree) + self.max_extra)
         self.grafted.append(len(out) - len(tree))
         return out
 
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        self.inner.observe(tree, path, bonus, out)
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.inner.begin(prompt_ids)
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+    def observe(self, step: StepFeedback) -> None:
+        """The inner drafter learns how much of its own tree was accepted: grafted nodes are not its proposals."""
+        own = None
+        if step.proposed and self._own is not None:
+            own = self._own.matched([step.tree.tokens[i] for i in step.path[1:]])
+        self._own = None
+        self.inner.observe(replace(step, own_accepted=own))

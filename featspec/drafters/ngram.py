@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from featspec.drafters.base import DraftContext
-from featspec.models.target import VerifyOutput
+from featspec.protocol import DraftContext, Drafter
 from featspec.tree import DraftTree
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
     name = "ngram"
-    wants_hidden = False
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, depth: int = 10, max_matches: int = 6, max_nodes: int = 32,
                  unigram_depth: int = 3, unigram_matches: int = 1):
@@ -29,9 +27,6 @@ class NgramDrafter:
         # a match on the last token alone is right far less often (measured on MT-bench, bf16: most
         # such drafts are rejected at depth 1), so it earns a short chain, not a wide deep tree
         self.unigram_depth, self.unigram_matches = unigram_depth, unigram_matches
-
-    def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
-        pass
 
     def continuations(self, tokens: list[int], depth: int) -> list[list[int]]:
         """Distinct continuations after earlier occurrences of the context's last n-grams, best first."""
@@ -61,6 +56,3 @@ class NgramDrafter:
         if depth < 1 or len(ctx.tokens) < 2:
             return DraftTree.root(ctx.tokens[-1])
         return DraftTree.from_paths(ctx.tokens[-1], self.continuations(ctx.tokens, depth), self.max_nodes)
-
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        pass

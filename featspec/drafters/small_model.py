@@ -16,7 +16,7 @@ import copy
 import torch
 from transformers import DynamicCache
 
-from featspec.drafters.base import DraftContext
+from featspec.protocol import DraftContext, Drafter
 from featspec.errors import FeatspecError
 from featspec.models.kv import cache_kwargs, truncate_cache
 from featspec.models.target import VerifyOutput
@@ -47,15 +47,15 @@ def truncated_self_draft(model: torch.nn.Module, num_layers: int) -> torch.nn.Mo
     return draft
 
 
-class ModelDrafter:
-    name = "model"
-    wants_hidden = False
+class CachedLM:
+    """A causal LM with its own KV cache over the tokens it has read: what a chain drafter drives.
 
-    def __init__(self, draft_model: torch.nn.Module, draft_length: int = 4):
-        if draft_length < 1:
-            raise FeatspecError(f"draft length must be >= 1, got {draft_length}")
-        self.model = draft_model
-        self.draft_length = draft_length
+    `sync` cuts the cache back to the longest prefix it shares with the sequence to condition on (so accepted
+    drafts it already read are reused) and feeds the rest; `feed` reads more tokens. Subclasses with another
+    input layout (the cross-modal drafter's event prompt) override `feed`, `truncate` and `sequence`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
         self.cache: DynamicCache | None = None
         self.cached: list[int] = []  # tokens whose K/V are in self.cache
 
@@ -63,40 +63,58 @@ class ModelDrafter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
+    def reset(self, prompt_ids: list[int]) -> None:
+        """A new prompt: an empty cache."""
         self.cache, self.cached = DynamicCache(), []
 
+    def sequence(self, tokens: list[int]) -> list[int]:
+        """The sequence this LM conditions on, given the target's (the same one, for an LM sharing its prompt)."""
+        return tokens
+
     @torch.inference_mode()
-    def _feed(self, ids: list[int]) -> torch.Tensor:
+    def feed(self, ids: list[int]) -> torch.Tensor:
+        """Read `ids` after what is cached; the next-token logits."""
         out = self.model(input_ids=torch.tensor([ids], device=self.device), **cache_kwargs(self.model, self.cache),
                          use_cache=True, logits_to_keep=1)
         self.cached.extend(ids)
         return out.logits[0, -1]
 
-    def _sync(self, tokens: list[int]) -> torch.Tensor:
-        """Cut the cache to the prefix shared with `tokens`, feed the rest, return the last logits."""
-        keep = 0
-        limit = min(len(self.cached), len(tokens) - 1)  # always feed at least the newest token
-        while keep < limit and self.cached[keep] == tokens[keep]:
-            keep += 1
-        if keep < len(self.cached):
-            self._truncate(keep)
-            del self.cached[keep:]
-        return self._feed(tokens[keep:])
-
-    def _truncate(self, keep: int) -> None:
+    def truncate(self, keep: int) -> None:
         """Drop cache entries past the first `keep` tokens (one entry per token here)."""
         truncate_cache(self.cache, keep)
 
-    def _tokens(self, ctx: DraftContext) -> list[int]:
-        """The sequence this drafter conditions on: the target's, for a drafter sharing its prompt."""
-        return ctx.tokens
+    def sync(self, tokens: list[int]) -> torch.Tensor:
+        """Cut the cache to the prefix shared with the target's `tokens`, feed the rest, return the last logits."""
+        seq = self.sequence(tokens)
+        keep = 0
+        limit = min(len(self.cached), len(seq) - 1)  # always feed at least the newest token
+        while keep < limit and self.cached[keep] == seq[keep]:
+            keep += 1
+        if keep < len(self.cached):
+            self.truncate(keep)
+            del self.cached[keep:]
+        return self.feed(seq[keep:])
+
+
+class ModelDrafter(Drafter):
+    """A chain of `draft_length` tokens from a `CachedLM`: argmax when greedy, else sampled (q recorded)."""
+
+    name = "model"
+
+    def __init__(self, draft_model: torch.nn.Module | CachedLM, draft_length: int = 4):
+        if draft_length < 1:
+            raise FeatspecError(f"draft length must be >= 1, got {draft_length}")
+        self.lm = draft_model if isinstance(draft_model, CachedLM) else CachedLM(draft_model)
+        self.draft_length = draft_length
+
+    def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
+        self.lm.reset(prompt_ids)
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         steps = min(self.draft_length, ctx.max_depth)
         if steps < 1:
             return DraftTree.root(ctx.tokens[-1])
-        logits = self._sync(self._tokens(ctx))
+        logits = self.lm.sync(ctx.tokens)
         drafted: list[int] = []
         dists: list[torch.Tensor | None] = []
         for i in range(steps):
@@ -108,8 +126,5 @@ class ModelDrafter:
             drafted.append(tok)
             dists.append(q)
             if i + 1 < steps:
-                logits = self._feed([tok])
+                logits = self.lm.feed([tok])
         return DraftTree.chain(ctx.tokens[-1], drafted, dists)
-
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        pass  # the next propose() re-syncs the cache against the committed tokens

@@ -88,7 +88,7 @@ class LlamaCppSession:
     def head_file(self) -> Path:
         if self.head_gguf is None:
             from featspec.drafters import shipped_head
-            from featspec.formats import resolve_head_dir
+            from featspec.heads.checkpoint import resolve_head_dir
 
             src = resolve_head_dir(self.head_spec) if self.head_spec else shipped_head(self.lm.spec, "eagle3")
             self.head_gguf = cached_gguf(f"head-{src.name}", [src, self.tdir], outtype(self.dtype), self.tree,

@@ -96,7 +96,7 @@ def export_gguf(head_spec: str, target_dir: Path, tree: Path, out: Path, dtype: 
     `dtype` (default: the head's stored dtype), then check the written metadata against the head."""
     from transformers import AutoConfig
 
-    from featspec.formats import head_config_json, head_tensors, load_head, validate_against
+    from featspec.heads.checkpoint import head_config_json, head_tensors, load_head, validate_against
     from featspec.heads.eagle3 import Eagle3Head
 
     head = load_head(head_spec, dtype=None)

@@ -64,7 +64,7 @@ def _done(path: Path, shipped: Path | None = None) -> dict[str, list[dict[str, s
 def regenerate(lm, convs: list[tuple[str, str]], max_new_tokens: int = 320, batch_size: int = 64,
                max_prompt_tokens: int = 512, window_batches: int = 4) -> list[tuple[str, list[dict[str, str]]]]:
     """(conversation id, first user turn) -> (id, [user, target's greedy answer]), cached on disk."""
-    from featspec.prompts import encode_messages
+    from featspec.models.tokens import encode_messages
 
     path = regenerated_path(lm.spec, max_new_tokens)
     done = _done(path, shipped_path(lm.spec, max_new_tokens))
@@ -86,7 +86,7 @@ def regenerate(lm, convs: list[tuple[str, str]], max_new_tokens: int = 320, batc
 def _answer(lm, todo: list[tuple[str, str, list[int]]], path: Path, max_new_tokens: int, batch_size: int
             ) -> dict[str, list[dict[str, str]]]:
     """Greedy answers for (id, text, prompt ids) in batches with left padding, appended to `path` per batch."""
-    from featspec.engine import eos_token_ids
+    from featspec.models.tokens import eos_token_ids
 
     tok, model = lm.tokenizer, lm.model
     eos = eos_token_ids(model, tok)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from featspec.errors import FeatspecError
-from featspec.formats import save_head
+from featspec.heads.checkpoint import save_head
 from featspec.io import atomic_dir_write, write_json
 from featspec.heads.base import DraftHead
 from featspec.heads.eagle1 import Eagle1Head
@@ -85,7 +85,7 @@ def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: li
 
 def read_init_state(source: str) -> dict[str, torch.Tensor]:
     """The weights (and draft vocabulary) of a head directory or trainer checkpoint, fc reading raw features."""
-    from featspec.formats import load_head
+    from featspec.heads.checkpoint import load_head
 
     path = Path(source)
     ckpt = next((p for p in (path / "state.pt", path / "checkpoint" / "state.pt") if p.exists()), None)

@@ -72,7 +72,7 @@ def parallel_prefill_pays(kit: Kit, frames, events, question: str) -> dict:
 
     beside = _median_s(both)
     head = FeatureDrafter(kit.head, "eagle3", **EAGLE_TREE)
-    from featspec.drafters.base import DraftContext
+    from featspec.protocol import DraftContext
     from featspec.sampling import SamplingConfig
 
     def first_draft() -> float:

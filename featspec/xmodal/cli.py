@@ -317,7 +317,7 @@ def run_drafting(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     head = None
     if (adir / "eagle3" / "config.json").exists():
-        from featspec.formats import load_head
+        from featspec.heads.checkpoint import load_head
 
         head = load_head(adir / "eagle3", dtype=dtype).bind(target.model)
     kit = Kit(target, drafter, adapters, head, args.draft_length)

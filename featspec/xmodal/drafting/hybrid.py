@@ -8,14 +8,16 @@ over at any step with its state in sync.
 
 from __future__ import annotations
 
-from featspec.drafters.base import DraftContext
-from featspec.xmodal.drafting.drafter import CrossModalDrafter
+from dataclasses import replace
+
 from featspec.drafters.eagle import FeatureDrafter
 from featspec.models.target import VerifyOutput
+from featspec.protocol import DraftContext, Drafter, StepFeedback
 from featspec.tree import DraftTree
+from featspec.xmodal.drafting.drafter import CrossModalDrafter
 
 
-class HybridDrafter:
+class HybridDrafter(Drafter):
     name = "hybrid"
     wants_hidden = True  # the EAGLE-3 head reads the target's features from the prefill on
 
@@ -25,6 +27,7 @@ class HybridDrafter:
         self.first, self.then, self.switch_after = first, then, switch_after
         self.step = 0
         self.used: list[str] = []  # which drafter proposed at each step (for reports and tests)
+        self._last: Drafter | None = None  # the drafter that proposed the step being verified
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.first.begin(prompt_ids)
@@ -35,14 +38,20 @@ class HybridDrafter:
     def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
         self.first.start(prompt_ids, prefill)
         self.then.start(prompt_ids, prefill)
-        self.step, self.used = 0, []
+        self.step, self.used, self._last = 0, [], None
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         self.step += 1
         drafter = self.first if self.step <= self.switch_after else self.then
+        if drafter is not self._last:  # the time since the last proposal was spent on the other drafter's tree
+            ctx = replace(ctx, since_proposal_s=None)
+        self._last = drafter
         self.used.append(drafter.name)
         return drafter.propose(ctx)
 
-    def observe(self, tree: DraftTree, path: list[int], bonus: int, out: VerifyOutput) -> None:
-        self.first.observe(tree, path, bonus, out)
-        self.then.observe(tree, path, bonus, out)
+    def observe(self, step: StepFeedback) -> None:
+        """Both see every step (so either can take over in sync); only the proposer learns from its outcome."""
+        for d in (self.first, self.then):
+            d.observe(replace(step, proposed=step.proposed and d is self._last))
+        if not step.proposed:
+            self._last = None

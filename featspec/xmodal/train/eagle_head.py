@@ -41,7 +41,7 @@ def train_target_head(target: VLM, data: SplitData, work: Path, head_dir: Path, 
     """Train (or resume from WORK/checkpoint.pt) the head; writes it to `head_dir` (engine layout)."""
     from tqdm import tqdm
 
-    from featspec.formats import save_head
+    from featspec.heads.checkpoint import save_head
 
     cfg = TrainConfig(method="eagle3", target="xmodal-mini-target", ttt_steps=ttt_steps, draft_vocab=draft_vocab, lr=lr,
                       batch_size=batch_size, seed=seed, dtype=str(target.model.dtype).replace("torch.", ""))

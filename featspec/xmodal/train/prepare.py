@@ -59,7 +59,7 @@ class PrepareConfig:
         """A minute-scale end-to-end run (tests): 2-layer backbones, a 1-layer tower, a handful of steps."""
         spec = MiniSpec(vision_hidden=32, vision_layers=1, vision_heads=2, drafter_layers=1, lora_rank=2,
                         extra={"target_layers": 2})
-        from featspec.costmodel import bf16_matmul_is_fast
+        from featspec.drafters.cost import bf16_matmul_is_fast
 
         # a smoke run takes the fast dtype: emulated bf16 (AVX2-only CPUs) made it 20x slower
         return cls(out=out, spec=spec, n_train=24, probe_steps={"video": 3, "events": 3}, probe_batch=8, qa_steps={"video": 3, "events": 3},

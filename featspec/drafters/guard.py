@@ -4,7 +4,7 @@ Speculation pays when tau * T(1) / T(step) > 1: the tokens a drafted step commit
 verifying and bookkeeping, against one token per plain step. Both sides are measured in the run itself:
 a drafted step's committed tokens and seconds, a plain step's seconds (the engine records them anyway).
 Before a plain step has been measured, the cost model's 1-token verify time stands in for it, and a
-predicted speedup below 1 (the cost model with the acceptance prior, `costmodel.predict`) starts the run
+predicted speedup below 1 (the cost model with the acceptance prior, `cost.predict`) starts the run
 plain.
 
 The first `warmup` drafted steps of a generator are not judged (a process's first forwards of each tree

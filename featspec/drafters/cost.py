@@ -233,7 +233,7 @@ def measure_drafter(drafter, target, context: int = 256, repeats: int = 3) -> di
     """Seconds one drafting step costs, split into before the first level and per level: steady-state
     propose() timed at depth 1 and 4 after a `context`-token random prompt (its one-off feeding is not
     timed), each step after a verify that commits one token, as the engine runs it (budget off meanwhile)."""
-    from featspec.drafters.base import DraftContext
+    from featspec.protocol import DraftContext, StepFeedback
 
     gen = torch.Generator().manual_seed(1)
     context = min(context, target.max_length // 2)
@@ -253,7 +253,7 @@ def measure_drafter(drafter, target, context: int = 256, repeats: int = 3) -> di
                 out = target.verify(tree, hidden=True)
                 target.commit([0])
                 bonus = int(out.logits[0].argmax())
-                drafter.observe(tree, [0], bonus, out)
+                drafter.observe(StepFeedback(tree, [0], bonus, out))
                 tokens.append(bonus)
                 t0 = time.perf_counter()
                 tree = drafter.propose(DraftContext(tokens, max_depth=d, sampling=_GREEDY, generator=None))
@@ -346,15 +346,18 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 def measure_dtype(model: torch.nn.Module, dtype: torch.dtype, make_drafter: Callable | None = None,
                   use_cache: bool = True, progress: bool = True) -> tuple[CostModel, dict | None]:
-    """The cost model of the float32 `model` in `dtype` (a copy for another dtype) and, if `make_drafter(model)`
-    builds one, its drafter's costs. The drafter is built first, so a bad head fails before any measuring."""
+    """The cost model of the float32 `model` in `dtype` (a copy for another dtype) and, if `make_drafter(model,
+    costs)` builds one, its drafter's costs. The drafter is built first, so a bad head fails before any measuring;
+    `costs()` gives it this cost model if it prices its trees."""
+    from functools import cache
+
     from featspec.models.target import TargetModel
 
     m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    drafter = make_drafter(m) if make_drafter is not None else None
     target = TargetModel(m)
-    costs = cost_model(target, use_cache=use_cache, progress=progress)
-    return costs, drafter_costs(costs, drafter, target) if drafter is not None else None
+    costs = cache(lambda: cost_model(target, use_cache=use_cache, progress=progress))
+    drafter = make_drafter(m, costs) if make_drafter is not None else None
+    return costs(), drafter_costs(costs(), drafter, target) if drafter is not None else None
 
 
 def fastest(preds: dict[str, Prediction]) -> str:

@@ -1,7 +1,7 @@
 """`featspec calibrate`: measure (or read) this machine's cost model and show what it implies.
 
 For each dtype: the verify time of n = 1 ... 64 tree nodes at a few context lengths, the drafter's cost
-(before its first level, per level), and under the acceptance prior of `costmodel.RANK_ACCEPT` the
+(before its first level, per level), and under the acceptance prior of `drafters.cost.RANK_ACCEPT` the
 ceiling `E(n) * T(1) / T(step)` for each tree size: what speculation can reach here at best. The dtype
 `--dtype auto` would pick is printed last, with its reason; the curves go to a PNG.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from featspec.costmodel import CONTEXTS, DTYPE_NAMES, CostModel, ceiling_table, fastest, measure_dtype, predict
+from featspec.drafters.cost import CONTEXTS, DTYPE_NAMES, CostModel, ceiling_table, fastest, measure_dtype, predict
 from featspec.drafters import DraftOptions, build_drafter
 from featspec.models import load_model
 from featspec.models.registry import LoadedModel
@@ -41,7 +41,7 @@ def run_calibrate(target_spec: str, method: str, head: str | None, dtypes: list[
     make = None
     if method != "vanilla":
         opts = DraftOptions(head=head, budget="fixed", guard=False)
-        make = lambda m: build_drafter(method, LoadedModel(lm32.spec, m, lm32.tokenizer), opts)  # noqa: E731
+        make = lambda m, costs: build_drafter(method, LoadedModel(lm32.spec, m, lm32.tokenizer), opts, costs)  # noqa: E731
     for dtype in dtypes:
         costs, draft = measure_dtype(lm32.model, dtype, make, use_cache=not force)
         name = DTYPE_NAMES[dtype]

@@ -1,7 +1,7 @@
 """`--budget auto`: choose, at every step, how deep to draft and how many draft nodes to verify.
 
 The target's verify cost as a function of the number of tree nodes and the context length comes from
-the machine's cost model (`costmodel.py`: measured once, cached, made non-decreasing). A node with cumulative draft log-probability s at depth d is
+the machine's cost model (`cost.py`: measured once, cached, made non-decreasing). A node with cumulative draft log-probability s at depth d is
 accepted with probability ~ c_d * exp(s) (EAGLE-2's observation: draft confidence tracks
 acceptance), where c_d is a running calibration per depth (accepted / predicted), since a head's
 confidence drifts from its acceptance more the deeper it drafts. Keeping the n best nodes after L
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from featspec.costmodel import CostCurve, CostModel
+from featspec.drafters.cost import CostCurve, CostModel
 
 
 def _ema(old: float | None, new: float, keep: float = 0.9) -> float:

@@ -1,4 +1,4 @@
-"""Turn chat messages into prompt token ids with the tokenizer's own chat template.
+"""The token ids a generation starts and stops on: chat prompts (the tokenizer's own template) and EOS ids.
 
 Base models without a template (Gemma-3-270M) get plain text: the turns joined by blank lines. The
 caller is told which path was taken so the CLI can say so.
@@ -25,3 +25,13 @@ def encode_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 def encode_text(tokenizer, text: str) -> list[int]:
     """Raw text completion prompt (no template)."""
     return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids generation stops on: the generation config's EOS (as HF generate uses), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
