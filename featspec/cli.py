@@ -62,7 +62,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from featspec.bench.datasets import DATASETS
+    from featspec.data import DATASETS
     from featspec.bench.methods import METHODS
     from featspec.drafters import DRAFT_METHODS
 
@@ -438,7 +438,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from featspec.bench.datasets import load_dataset
+    from featspec.data import load_dataset
     from featspec.bench.methods import HF_METHODS, LLAMACPP_METHODS, base_method, parse_methods
     from featspec.bench.report import markdown_table, write_json, write_plot
     from featspec.bench.runner import run_bench

@@ -81,13 +81,13 @@ def setup(venv: Path) -> Path:
 
 def featspec_side(work: Path, limit: int, max_tokens: int, chain: int) -> dict:
     """Export the head, render prompts, and run featspec's chain on them (float32)."""
-    from featspec.bench.datasets import load_dataset
+    from featspec.data import load_dataset
     from featspec.bench.runner import prompt_ids_for
     from featspec.drafters import DraftOptions, shipped_head
-    from featspec.formats import export_head
+    from featspec.heads.checkpoint import export_head
     from featspec.models import load_model
     from featspec.models.registry import resolve_source
-    from featspec.runtime import build_generator
+    from featspec.drafters.runtime import build_generator
     from featspec.sampling import SamplingConfig
 
     lm = load_model("smollm2-135m", "float32")

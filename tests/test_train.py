@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 from featspec.errors import FeatspecError
 from featspec.heads.checkpoint import load_head
 from featspec.models.registry import resolve_source
-from featspec.train.data import render, sharegpt_messages
+from featspec.data.sharegpt import sharegpt_messages
+from featspec.train.data import render
 from featspec.train.trainer import TrainConfig, train
 
 from conftest import build_model, llama_config

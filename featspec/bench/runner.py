@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm import tqdm
 
-from featspec.bench.datasets import Sample
+from featspec.data import Sample
 from featspec.bench.methods import RunRecord, build_method
 from featspec.llamacpp.bench import LLAMACPP_METHODS
 from featspec.drafters import DraftOptions

