@@ -1,33 +1,32 @@
 """`featspec train`: train an EAGLE-1 or EAGLE-3 head with accelerate, checkpointing and exact resume.
 
-The frozen target runs inside the loop (online features), or once per example with `cache_features`. The same command runs on a CPU, one GPU,
-or several under `accelerate launch`. Checkpoints (head, optimizer, scheduler, step, loss log) are
-written atomically every `save_every` optimizer steps; batches and feature noise are derived from
-(seed, step), so a resumed run continues with exactly the data and randomness it would have seen.
+The frozen target runs inside the loop (online features), or once per example with `cache_features`. The same
+command runs on a CPU, one GPU, or several under `accelerate launch`. The loop, its atomic checkpoints (head,
+optimizer, scheduler, step, loss log) and exact resume are `train/loop.py`'s, shared with every trainer;
+batches and feature noise are derived from (seed, micro-batch), so a resumed run continues with exactly the data
+and randomness it would have seen.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from featspec.errors import FeatspecError
 from featspec.heads.checkpoint import save_head
-from featspec.io import atomic_dir_write, write_json
+from featspec.io import write_json
 from featspec.heads.base import DraftHead
-from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head, ids_from_d2t
-from featspec.heads.layers import HeadConfig
-from featspec.train.data import Example, batch_order, collate, draft_vocabulary, load_regenerated, load_sharegpt
+from featspec.train.data import Example, batch_order, collate, load_regenerated, load_sharegpt
 from featspec.train.features import cache_key, cached_batch, estimate_bytes, fill_cache, open_cache
-from featspec.train.losses import eagle1_loss, eagle3_loss, target_batch
-from featspec.train.precondition import feature_scale, fold, scaled, unfold
+from featspec.train.loop import Loop, find_checkpoint, warmup_cosine
+from featspec.train.objective import HeadLoss, build_head
+from featspec.train.losses import target_batch
+from featspec.train.precondition import feature_scale, fold, unfold
 
 
 DEFAULT_DRAFT_VOCAB = 8192
@@ -62,25 +61,6 @@ class TrainConfig:
     cache_features: str = ""  # directory for the target's features, computed once (default: online every epoch)
     precondition: bool = True  # EAGLE-3: train fc on per-dimension standardised features (train/precondition.py)
     layer_ids: tuple[int, ...] = ()  # EAGLE-3: HF hidden_states indices to fuse (default: inputs of layers 2, L//2, L-3)
-
-
-def build_head(cfg: TrainConfig, target, examples: list[Example], always_ids: list[int]) -> DraftHead:
-    """A fresh head; `always_ids` join an EAGLE-3 draft vocabulary whatever their frequency (EOS, or the
-    draft ids of a head the run widens)."""
-    target_config = target.config.get_text_config()
-    if cfg.method == "eagle1":
-        return Eagle1Head(HeadConfig.from_target(target_config))
-    if cfg.method == "eagle3":
-        size = min(cfg.draft_vocab, target_config.vocab_size)
-        layers = target_config.num_hidden_layers
-        if cfg.layer_ids and (len(cfg.layer_ids) != 3 or not all(0 <= i <= layers for i in cfg.layer_ids)):
-            raise FeatspecError(f"--layer-ids {','.join(map(str, cfg.layer_ids))}: give 3 hidden-state indices in "
-                                f"[0, {layers}] (this target has {layers} layers)")
-        head = Eagle3Head(HeadConfig.from_target(target_config, draft_vocab_size=size), tuple(cfg.layer_ids) or None)
-        head.set_vocab(draft_vocabulary(examples, size, target_config.vocab_size, always_ids))
-        head.init_from_target(target)
-        return head
-    raise FeatspecError(f"unknown training method '{cfg.method}': use eagle1 or eagle3")
 
 
 def read_init_state(source: str) -> dict[str, torch.Tensor]:
@@ -127,57 +107,6 @@ def init_weights(head: DraftHead, state: dict[str, torch.Tensor], source: str, t
     head.load_state_dict({k: state[k].to(v.dtype) for k, v in mine.items()})
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def _save_checkpoint(ckpt: Path, head, optimizer, scheduler, state: dict, scale: torch.Tensor | None) -> None:
-    """Written to a temp dir and swapped in: a kill never leaves a half-written checkpoint. The head's fc
-    is kept as trained (reading standardised features); `feature_scale` is stored beside it."""
-
-    def write(d: Path) -> None:
-        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "feature_scale": scale}, d / "state.pt")
-        (d / "meta.json").write_text(json.dumps(state, indent=1))
-
-    atomic_dir_write(ckpt, write)
-
-
-def _find_checkpoint(out: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a kill between the two renames
-        p = out / name
-        if (p / "meta.json").exists() and (p / "state.pt").exists():
-            return p
-    return None
-
-
-class HeadLoss(torch.nn.Module):
-    """The head plus its training loss as one module, so that under `accelerate launch` (DDP) every
-    parameter use goes through the wrapped forward and gradients are synchronised."""
-
-    def __init__(self, cfg: TrainConfig, head: DraftHead, lm_head: torch.nn.Module, scale: torch.Tensor | None = None):
-        super().__init__()
-        self.cfg, self.head = cfg, head
-        self._lm_head = (lm_head,)  # the target's, frozen: kept out of this module's parameters
-        self.scale = scale  # EAGLE-3 fc input standardisation (None: raw features)
-
-    def forward(self, tb, step_seed: int):
-        if self.scale is not None:
-            tb = scaled(tb, self.scale)
-        if self.cfg.method == "eagle1":
-            gen = torch.Generator(device=tb.last.device).manual_seed(step_seed)
-            return eagle1_loss(self.head, tb, self.cfg.noise, gen, self._lm_head[0])
-        return eagle3_loss(self.head, tb, self.cfg.ttt_steps, self._lm_head[0])
-
-
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: int, device,
              scale: torch.Tensor | None = None) -> dict[str, float]:
@@ -189,7 +118,7 @@ def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: in
         batch = {k: v.to(device) for k, v in collate(examples[i : i + cfg.batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             tb = target_batch(target, head, batch)
-            _, stats = HeadLoss(cfg, head, target.get_output_embeddings(), scale)(tb, cfg.seed)
+            _, stats = HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps, cfg.noise)(tb, cfg.seed)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
     n = math.ceil(len(examples) / cfg.batch_size)
@@ -254,17 +183,15 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     from featspec.models.registry import load_model
 
     out = Path(cfg.out)
-    ckpt_dir = out / "checkpoint"
-    found = _find_checkpoint(out) if resume else None
+    found = find_checkpoint(out / "checkpoint")
     if resume and found is None:
         raise FeatspecError(f"--resume: no checkpoint in {out}; start without --resume")
-    if not resume and _find_checkpoint(out) is not None:
+    if not resume and found is not None:
         raise FeatspecError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
     if found is not None:
         saved = json.loads((found / "meta.json").read_text())
-        saved_cfg = TrainConfig(**saved["config"])
         keep_max = cfg.max_steps
-        cfg = saved_cfg
+        cfg = TrainConfig(**saved["config"])
         cfg.max_steps = keep_max  # the only knob a resume may change: where to stop
     if cfg.data != "sharegpt":
         raise FeatspecError(f"unknown --data '{cfg.data}': only sharegpt is supported")
@@ -287,7 +214,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     cfg.draft_vocab = cfg.draft_vocab or init_size or DEFAULT_DRAFT_VOCAB  # 0: the --init-from head's own size
     keep = init_draft_ids(cfg, init_state) if init_state is not None else []
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
-    head = build_head(cfg, target, examples, eos + keep).bind(target).to(device)
+    head = build_head(cfg.method, target, examples, eos + keep, cfg.draft_vocab, cfg.layer_ids).bind(target).to(device)
     if init_state is not None:
         init_weights(head, init_state, cfg.init_from, target)
     head.train()
@@ -295,95 +222,80 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
-    state = {"step": 0, "micro": 0, "tokens_seen": 0, "loss_tokens_seen": 0, "wall_s": 0.0, "log": [],
-             "conversations": len(examples), "device": str(device), "threads": torch.get_num_threads(),
-             "total_steps": total_steps, "config": asdict(cfg), "last_eval": None, "evals": []}
-    if found is not None:
-        blob = torch.load(found / "state.pt", map_location=device, weights_only=False)
-        head.load_state_dict(blob["head"])
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        state.update(json.loads((found / "meta.json").read_text()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
+    scale: torch.Tensor | None = None
+    loop = Loop(optimizer, scheduler, lambda: model.parameters(), total=total_steps, accumulation=cfg.grad_accum,
+                clip=0.5, ckpt=out / "checkpoint", save_every=cfg.save_every, desc=f"train {cfg.method}",
+                state=lambda: {"head": head.state_dict(), "feature_scale": scale},
+                meta={"tokens_seen": 0, "loss_tokens_seen": 0, "log": [], "conversations": len(examples),
+                      "device": str(device), "threads": torch.get_num_threads(), "total_steps": total_steps,
+                      "config": asdict(cfg), "last_eval": None, "evals": []},
+                accel=accel)
+    state = loop.meta
+    blob = loop.resume(lambda b: head.load_state_dict(b["head"])) if found is not None else None
+    if blob is not None:
         print(f"featspec: resuming {out} at step {state['step']}/{total_steps}", flush=True)
-    raw_head = head
-    cache = _feature_cache(cfg, raw_head, target, examples, pad_id, device, accel) if cfg.cache_features else None
-    scale = None
+    cache = _feature_cache(cfg, head, target, examples, pad_id, device, accel) if cfg.cache_features else None
     if cfg.method == "eagle3" and cfg.precondition:
-        if found is not None:
+        if blob is not None:
             scale = blob.get("feature_scale")
             if scale is None:
                 raise FeatspecError(f"{found} was saved without a feature scale: resume it with the featspec that wrote it")
+            scale = scale.to(device)
         else:
-            scale = _measure_scale(cache, target, raw_head, examples, pad_id, device).to(device)
+            scale = _measure_scale(cache, target, head, examples, pad_id, device).to(device)
             if cfg.init_from:  # the initial weights read raw features: rescale them to read standardised ones
-                raw_head.fc.weight.data = unfold(raw_head.fc.weight.data, scale)
-    model, optimizer = accel.prepare(HeadLoss(cfg, head, target.get_output_embeddings(), scale), optimizer)
-
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    bar = tqdm(total=stop_at, initial=state["step"], desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
-               disable=not accel.is_main_process)
-    micro_per_epoch = per_epoch
+                head.fc.weight.data = unfold(head.fc.weight.data, scale)
+    model, optimizer = accel.prepare(HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps, cfg.noise), optimizer)
+    loop.optimizer, loop.model = optimizer, model
 
     def record_eval(label: str = "", show: bool = True) -> None:
-        state["last_eval"] = evaluate(cfg, raw_head, target, heldout, pad_id, device, scale)
+        state["last_eval"] = evaluate(cfg, head, target, heldout, pad_id, device, scale)
         state["evals"].append({"step": state["step"], **state["last_eval"]})
         if show:
-            bar.write(f"step {state['step']}{label}: held-out agreement "
-                      + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
+            loop.write(f"step {state['step']}{label}: held-out agreement "
+                       + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
+
+    running: list[float] = []  # the loss's running mean over micro-batches, for the progress bar
+
+    def micro_step(micro: int):
+        epoch, index = divmod(micro, per_epoch)
+        if epoch >= cfg.epochs:
+            return None
+        batch_ids = batch_order(len(examples), cfg.batch_size, epoch, cfg.seed)[index]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
+        with accel.autocast():
+            tb = cached_batch(cache, batch, batch_ids) if cache is not None else target_batch(target, head, batch)
+            loss, stats = model(tb, cfg.seed * 7919 + micro)
+        state["tokens_seen"] += int(batch["attention_mask"].sum())
+        state["loss_tokens_seen"] += int(batch["loss_mask"].sum())
+        value = float(loss.detach())
+        running[:] = [value if not running else 0.9 * running[0] + 0.1 * value]
+        return loss, stats
+
+    def after_step(step: int, loss: float, stats: dict) -> dict:
+        state["log"].append({"step": step, "loss": loss, **{k: round(v, 4) for k, v in stats.items()}})
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            record_eval()
+        return {"loss": f"{running[0]:.3f}", "acc0": f"{stats.get('acc_0', 0):.2f}",
+                "tok_s": f"{state['tokens_seen'] / max(state['wall_s'], 1e-9):.0f}"}
 
     if cfg.init_from and found is None and cfg.eval_every:
         record_eval(" (--init-from)")  # the starting head on the same held-out text: the log shows what the run added
-    t_start = time.perf_counter() - state["wall_s"]
-    running = None
-    while state["step"] < stop_at:
-        epoch, index = divmod(state["micro"], micro_per_epoch)
-        if epoch >= cfg.epochs:
-            break
-        batch_ids = batch_order(len(examples), cfg.batch_size, epoch, cfg.seed)[index]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
-        with accel.accumulate(model), accel.autocast():
-            if cache is not None:
-                tb = cached_batch(cache, batch, batch_ids)
-            else:
-                tb = target_batch(target, raw_head, batch)
-            loss, stats = model(tb, cfg.seed * 7919 + state["micro"])
-            accel.backward(loss)
-            if accel.sync_gradients:
-                accel.clip_grad_norm_(model.parameters(), 0.5)
-            optimizer.step()
-            optimizer.zero_grad()
-        state["micro"] += 1
-        state["tokens_seen"] += int(batch["attention_mask"].sum())
-        state["loss_tokens_seen"] += int(batch["loss_mask"].sum())
-        lval = float(loss.detach())
-        running = lval if running is None else 0.9 * running + 0.1 * lval
-        if state["micro"] % cfg.grad_accum == 0:
-            scheduler.step()
-            state["step"] += 1
-            state["wall_s"] = time.perf_counter() - t_start
-            state["log"].append({"step": state["step"], "loss": lval, **{k: round(v, 4) for k, v in stats.items()}})
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", acc0=f"{stats.get('acc_0', 0):.2f}",
-                            tok_s=f"{state['tokens_seen'] / max(state['wall_s'], 1e-9):.0f}")
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                record_eval()
-            if accel.is_main_process and (state["step"] % cfg.save_every == 0 or state["step"] == stop_at):
-                _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state, scale)
-    bar.close()
+    loop.run(micro_step, after_step, stop_at=cfg.max_steps or None)
     if accel.is_main_process:
         if state["last_eval"] is None or state["evals"][-1]["step"] != state["step"]:
             record_eval(show=False)
-        _save_checkpoint(ckpt_dir, raw_head, optimizer, scheduler, state, scale)
+        loop.save()
         card = model_card(cfg, state, command)
-        trained_fc = raw_head.fc.weight.data if scale is not None else None
+        trained_fc = head.fc.weight.data if scale is not None else None
         if trained_fc is not None:
-            raw_head.fc.weight.data = fold(trained_fc, scale)  # the saved head reads raw features
-        save_head(raw_head, out / "head", extra={"trained_steps": state["step"], "tokens_seen": state["tokens_seen"],
-                                                  "wall_s": round(state["wall_s"], 1), "evals": state["evals"]},
+            head.fc.weight.data = fold(trained_fc, scale)  # the saved head reads raw features
+        save_head(head, out / "head", extra={"trained_steps": state["step"], "tokens_seen": state["tokens_seen"],
+                                              "wall_s": round(state["wall_s"], 1), "evals": state["evals"]},
                   card=card)
         if trained_fc is not None:
-            raw_head.fc.weight.data = trained_fc
+            head.fc.weight.data = trained_fc
         write_json(state, out / "train_log.json", indent=1)
         print(f"featspec: wrote {out / 'head'} (step {state['step']}, {state['tokens_seen']:,} tokens, "
               f"{state['wall_s'] / 60:.1f} min)", flush=True)

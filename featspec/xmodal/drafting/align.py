@@ -72,11 +72,8 @@ def align(target: VLM, drafter: VLM, data: SplitData, limit: int, max_new_tokens
     return out
 
 
-atomic_torch_save = torch_save  # the project's one atomic writer (featspec/io.py)
-
-
 def save_pairs(pairs: dict[str, torch.Tensor], path: Path) -> None:
-    atomic_torch_save(pairs, path)
+    torch_save(pairs, path)
 
 
 def sequences(pairs: dict[str, torch.Tensor], device=None) -> list[dict[str, torch.Tensor]]:

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from featspec.xmodal.drafting.adapters import Adapter, adapter_loss, build_adapter
-from featspec.xmodal.drafting.align import atomic_torch_save, sequences
+from featspec.io import torch_save
+from featspec.train.loop import Loop, warmup_cosine
+from featspec.xmodal.drafting.align import sequences
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 
@@ -34,29 +36,25 @@ def pad_batch(seqs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def train_adapter(level: str, pairs: dict[str, torch.Tensor], lm_head: nn.Linear, embed: nn.Embedding,
                   steps: int = 400, batch: int = 16, lr: float = 1e-3, ce_weight: float = 0.0, seed: int = 0,
                   progress: bool = True) -> tuple[Adapter, list[float]]:
-    """AdamW with warm-up + cosine on MSE + (1 - cos) (+ soft CE through the frozen target LM head)."""
-    from tqdm import tqdm
-
+    """AdamW with warm-up + cosine on MSE + (1 - cos) (+ soft CE through the frozen target LM head), on the core
+    training loop (no checkpoints: a few hundred steps take seconds)."""
     torch.manual_seed(seed)
     seqs = sequences(pairs)
     adapter = build_adapter(level, seqs[0]["draft"].shape[-1], seqs[0]["target"].shape[-1], embed=embed)
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.05 + 0.475 * (1 + np.cos(np.pi * (s - warm) / max(1, steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps // 20), steps, floor=0.05))
     rng = np.random.default_rng(seed)
-    losses = []
+    losses: list[float] = []
     adapter.train()
-    for step in tqdm(range(steps), desc=f"adapter {level}", disable=not progress):
+
+    def micro_step(step: int):
         b = pad_batch([seqs[i] for i in rng.choice(len(seqs), size=min(batch, len(seqs)), replace=False)])
         pred = adapter(b["draft"], b["token"], b["visual"])
         loss, _ = adapter_loss(pred, b["target"], b["mask"], lm_head, ce_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        return loss, {}
+
+    Loop(opt, sched, adapter.parameters, total=steps, clip=1.0, desc=f"adapter {level}", progress=progress).run(
+        micro_step, lambda step, loss, stats: losses.append(loss))
     adapter.eval()
     return adapter, losses
 
@@ -100,7 +98,7 @@ def _latency(adapter: Adapter, seq: dict[str, torch.Tensor], reps: int = 20) -> 
 
 
 def save_adapter(adapter: Adapter, path: Path, meta: dict) -> None:
-    atomic_torch_save({"level": adapter.level, "d_in": adapter.d_in, "d_out": adapter.d_out,
+    torch_save({"level": adapter.level, "d_in": adapter.d_in, "d_out": adapter.d_out,
                        "state": adapter.state_dict(), "meta": meta}, path)
 
 

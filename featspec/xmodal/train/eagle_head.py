@@ -9,19 +9,19 @@ distributions on them, so no generation is needed and every train clip and quest
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from featspec.xmodal.drafting.align import atomic_torch_save
+from featspec.heads.checkpoint import save_head
 from featspec.xmodal.world.qa import questions
 from featspec.xmodal.models.vlm import VLM, to_pixels
 from featspec.xmodal.world.clips import SplitData
 from featspec.train.data import Example, collate
 from featspec.train.losses import target_batch
-from featspec.train.trainer import HeadLoss, TrainConfig, build_head, lr_lambda
+from featspec.train.loop import Loop, warmup_cosine
+from featspec.train.objective import HeadLoss, build_head
 
 
 def clip_examples(target: VLM, data: SplitData, seed: int = 0) -> list[tuple[int, Example]]:
@@ -38,32 +38,21 @@ def clip_examples(target: VLM, data: SplitData, seed: int = 0) -> list[tuple[int
 def train_target_head(target: VLM, data: SplitData, work: Path, head_dir: Path, steps: int = 400, batch_size: int = 8, lr: float = 1e-3,
                       ttt_steps: int = 3, draft_vocab: int = 1024, seed: int = 0, checkpoint_every: int = 50,
                       progress: bool = True) -> dict:
-    """Train (or resume from WORK/checkpoint.pt) the head; writes it to `head_dir` (engine layout)."""
-    from tqdm import tqdm
-
-    from featspec.heads.checkpoint import save_head
-
-    cfg = TrainConfig(method="eagle3", target="xmodal-mini-target", ttt_steps=ttt_steps, draft_vocab=draft_vocab, lr=lr,
-                      batch_size=batch_size, seed=seed, dtype=str(target.model.dtype).replace("torch.", ""))
+    """Train (or resume from WORK/checkpoint/) the head on the core loop; writes it to `head_dir` (engine layout)."""
     examples = clip_examples(target, data, seed)
     torch.manual_seed(seed)
-    head = build_head(cfg, target.model, [e for _, e in examples], target.eos_ids).bind(target.model)
+    head = build_head("eagle3", target.model, [e for _, e in examples], target.eos_ids, draft_vocab).bind(target.model)
     head.float().train()
-    loss_fn = HeadLoss(cfg, head, target.model.lm_head)
+    loss_fn = HeadLoss("eagle3", head, target.model.lm_head, ttt_steps=ttt_steps)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, steps // 20), steps))
-    state = {"step": 0, "log": [], "seconds": 0.0}
-    ckpt = Path(work) / "checkpoint.pt"
-    if ckpt.exists():
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-        head.load_state_dict(blob["head"])
-        opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        state = blob["state"]
-    bar = tqdm(total=steps, initial=state["step"], desc="target eagle3 head", disable=not progress)
-    while state["step"] < steps:
-        t0 = time.time()
-        pick = np.random.default_rng([seed, state["step"], 5]).choice(len(examples), size=batch_size, replace=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps // 20), steps))
+    loop = Loop(opt, sched, head.parameters, total=steps, clip=0.5, ckpt=Path(work) / "checkpoint",
+                save_every=checkpoint_every, state=lambda: {"head": head.state_dict()}, desc="target eagle3 head",
+                progress=progress, meta={"log": []})
+    loop.resume(lambda blob: head.load_state_dict(blob["head"]))
+
+    def micro_step(step: int):
+        pick = np.random.default_rng([seed, step, 5]).choice(len(examples), size=batch_size, replace=False)
         clips = [examples[j][0] for j in pick]
         batch = collate([examples[j][1] for j in pick], target.eos_ids[0])
         pixels = to_pixels(data.frames[clips], target.image_size).to(target.model.dtype)
@@ -71,23 +60,15 @@ def train_target_head(target: VLM, data: SplitData, work: Path, head_dir: Path, 
             with torch.no_grad():  # the target is frozen: its embeddings need no graph
                 emb = target.embeds({"input_ids": batch["input_ids"], "pixel_values_videos": pixels})
             tb = target_batch(target.model, head, batch, inputs_embeds=emb)
-            loss, stats = loss_fn(tb, seed * 7919 + state["step"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
-        opt.step()
-        sched.step()
-        state["step"] += 1
-        state["seconds"] += time.time() - t0
-        state["log"].append({"loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in stats.items()}})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats.get('acc_0', 0):.2f}")
-        if state["step"] % checkpoint_every == 0 or state["step"] == steps:
-            atomic_torch_save({"head": head.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "state": state}, ckpt)
-    bar.close()
+            return loss_fn(tb, seed * 7919 + step)
+
+    def after_step(step: int, loss: float, stats: dict) -> dict:
+        loop.meta["log"].append({"loss": round(loss, 4), **{k: round(v, 4) for k, v in stats.items()}})
+        return {"loss": f"{loss:.3f}", "acc0": f"{stats.get('acc_0', 0):.2f}"}
+
+    state = loop.run(micro_step, after_step)
     tail = state["log"][-20:]
-    record = {"steps": steps, "seconds": round(state["seconds"], 1), "examples": len(examples),
+    record = {"steps": steps, "seconds": round(state["wall_s"], 1), "examples": len(examples),
               **{k: round(float(np.mean([r[k] for r in tail])), 4) for k in tail[0] if k.startswith(("acc", "loss"))}}
     save_head(head, Path(head_dir), extra={"xmodal": record})
     return record

@@ -8,8 +8,6 @@ stage checkpoints atomically; a killed run resumes at its last checkpoint.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,8 @@ from featspec.xmodal.world.qa import GRID, grounding, questions
 from featspec.xmodal.world.scenes import DIRECTIONS, Scene, WorldConfig
 from featspec.xmodal.models.vlm import VLM, MiniSpec, add_lora, build_drafter, build_target, load_trained, save_mini, to_pixels
 from featspec.xmodal.world.clips import SplitData, build_split
-from featspec.io import atomic_dir_write, write_json
+from featspec.io import write_json
+from featspec.train.loop import Loop, read_checkpoint, warmup_cosine
 
 
 @dataclass
@@ -340,14 +339,7 @@ def qa_loss(vlm: VLM, batch: dict, keeper: PositionKeeper | None = None, dense: 
     return nn.functional.cross_entropy(logits, ids[rows, cols + 1]), keep, attend
 
 
-# ---------- the resumable loop ----------
-
-def _lr(step: int, total: int) -> float:
-    warm = max(1, total // 20)
-    if step < warm:
-        return (step + 1) / warm
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
+# ---------- the two stages on the core loop ----------
 
 def _trainables(vlm: VLM, probe: DenseProbe, keeper: PositionKeeper | None, cfg: PrepareConfig, stage: str) -> list[dict]:
     """Optimizer groups: probe stage (tower, probe head); QA stage (projector, adaptor, LoRA, keeper heads)."""
@@ -371,9 +363,7 @@ def _freeze_for(vlm: VLM, stage: str) -> None:
 
 
 def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = True) -> dict:
-    """Run (or resume) both stages for one model; returns what the model card records."""
-    from tqdm import tqdm
-
+    """Run (or resume) both stages for one model on the core training loop; returns what the model card records."""
     role = "target" if vlm.kind == "video" else "drafter"
     ckpt = Path(cfg.out) / f"checkpoint-{role}"
     vcfg = vlm.model.config.vision_config if vlm.kind == "video" else vlm.model.model.visual_tower.visual_tower.config
@@ -385,10 +375,20 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
         text = vlm.model.config.text_config if vlm.kind == "video" else vlm.model.config
         keeper = PositionKeeper(text.hidden_size, cfg.world, text.num_hidden_layers, with_colour=vlm.kind == "video")
     guide = AttentionGuide(vlm.model.model.language_model) if vlm.kind == "video" and cfg.attend_weight > 0 else None
-    state = {"stage": "probe", "step": 0, "losses": {"probe": [], "qa": [], "keep": [], "attend": []}, "seconds": 0.0}
-    saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False) if (ckpt / "state.pt").exists() else None
+    state = {"stage": "probe", "step": 0, "micro": 0, "losses": {"probe": [], "qa": [], "keep": [], "attend": []}, "wall_s": 0.0}
+
+    def tensors() -> dict:
+        from featspec.xmodal.models.vlm import trained_state
+
+        blob = {"model": trained_state(vlm), "probe": probe.state_dict()}
+        if keeper is not None:
+            blob["keeper"] = keeper.state_dict()
+        return blob
+
+    saved = read_checkpoint(ckpt)
     if saved is not None:
-        state = saved["meta"]
+        state.update(saved["meta"])
+        state.setdefault("micro", state["step"])
         state["losses"].setdefault("keep", [])
         state["losses"].setdefault("attend", [])
         vlm.model.load_state_dict(saved["model"], strict=False)
@@ -399,69 +399,47 @@ def train_role(cfg: PrepareConfig, vlm: VLM, data: SplitData, progress: bool = T
         if state["stage"] == "done" or (stage == "probe" and state["stage"] == "qa"):
             continue
         if total == 0:  # no probe steps: the tower comes from --init
-            state = {**state, "stage": "qa", "step": 0}
+            state.update(stage="qa", step=0, micro=0)
             continue
         _freeze_for(vlm, stage)
         opt = torch.optim.AdamW(_trainables(vlm, probe, keeper, cfg, stage), weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, total))
-        if saved is not None and saved["meta"]["stage"] == stage and "optimizer" in saved:
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-        bar = tqdm(total=total, initial=state["step"], desc=f"{role} {stage}", disable=not progress)
-        while state["step"] < total:
-            t0 = time.time()
-            step = state["step"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, total // 20), total))
+        loop = Loop(opt, sched, lambda: [p for g in opt.param_groups for p in g["params"]], total=total, clip=1.0,
+                    ckpt=ckpt, save_every=cfg.checkpoint_every, state=tensors, desc=f"{role} {stage}",
+                    progress=progress, meta=state)
+        if saved is not None and saved["meta"]["stage"] == stage:
+            loop.load_optimizer(saved)
+
+        def micro_step(step: int, stage=stage, bs=bs):
             idx = np.random.default_rng([cfg.seed, step, 1 if stage == "probe" else 2]).choice(
                 len(data.scenes), size=min(bs, len(data.scenes)), replace=False).tolist()
             if stage == "probe":
                 images = data.frames[idx] if vlm.kind == "video" else data.event_images[idx]
                 loss = probe.loss(tower_tokens(vlm, to_pixels(images, vlm.image_size)), dense, idx, vlm.kind == "video")
-                logged = loss.item()
-            else:
-                loss, keep, attend = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed, grounding_turns=cfg.grounding_turns),
-                                             keeper, keep_targets, guide)
-                if keeper is not None:
-                    state["losses"]["keep"].append(round(keep.item(), 5))
-                if guide is not None:
-                    state["losses"]["attend"].append(round(attend.item(), 5))
-                logged = loss.item()  # the QA loss alone, comparable with or without the keeper and guide
-                loss = loss + cfg.keep_weight * keep + cfg.attend_weight * attend
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-            opt.step()
-            sched.step()
-            state["step"] += 1
-            state["losses"][stage].append(round(logged, 5))
-            state["seconds"] += time.time() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{logged:.3f}", **({"attend": f"{attend.item():.2f}"} if stage == "qa" and guide is not None else {}))
-            if state["step"] == total:
-                state = {**state, "stage": "qa" if stage == "probe" else "done", "step": 0 if stage == "probe" else total}
-                _save(ckpt, vlm, probe, keeper, None, None, state)  # the next stage starts a fresh optimizer
-                break
-            if state["step"] % cfg.checkpoint_every == 0:
-                _save(ckpt, vlm, probe, keeper, opt, sched, state)
-        bar.close()
+                return loss, {"logged": loss.item()}
+            loss, keep, attend = qa_loss(vlm, qa_rows(vlm, data, idx, step, cfg.seed, grounding_turns=cfg.grounding_turns),
+                                         keeper, keep_targets, guide)
+            if keeper is not None:
+                state["losses"]["keep"].append(round(keep.item(), 5))
+            if guide is not None:
+                state["losses"]["attend"].append(round(attend.item(), 5))
+            # the QA loss alone is logged, comparable with or without the keeper and guide
+            return loss + cfg.keep_weight * keep + cfg.attend_weight * attend, {"logged": loss.item(), "attend": attend.item()}
+
+        def after_step(step: int, loss: float, stats: dict, stage=stage) -> dict:
+            state["losses"][stage].append(round(stats["logged"], 5))
+            extra = {"attend": f"{stats['attend']:.2f}"} if stage == "qa" and guide is not None else {}
+            return {"loss": f"{stats['logged']:.3f}", **extra}
+
+        loop.run(micro_step, after_step, final_save=False)
+        # the next stage starts a fresh optimizer
+        state.update(stage="qa" if stage == "probe" else "done", step=0 if stage == "probe" else total,
+                     micro=0 if stage == "probe" else total)
+        loop.save(optimizer=False)
         saved = None
     if guide is not None:
         guide.remove()
     return state
-
-
-def _save(ckpt: Path, vlm: VLM, probe: DenseProbe, keeper: PositionKeeper | None, opt, sched, meta: dict) -> None:
-    from featspec.xmodal.models.vlm import trained_state
-
-    def write(d: Path) -> None:
-        blob = {"model": trained_state(vlm), "probe": probe.state_dict(), "meta": meta}
-        if keeper is not None:
-            blob["keeper"] = keeper.state_dict()
-        if opt is not None:
-            blob.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
-        torch.save(blob, d / "state.pt")
-        (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "losses"}))
-
-    atomic_dir_write(ckpt, write)
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
@@ -496,7 +474,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
                 "qa_steps": cfg.qa_steps[vlm.kind], "qa_batch": cfg.qa_batch,
                 "grounding_turns": cfg.grounding_turns if vlm.kind == "video" else 0,
                 "keep_weight": cfg.keep_weight,
-                "attend_weight": cfg.attend_weight if vlm.kind == "video" else 0.0, "train_seconds": round(state["seconds"], 1),
+                "attend_weight": cfg.attend_weight if vlm.kind == "video" else 0.0, "train_seconds": round(state["wall_s"], 1),
                 "final_qa_loss": float(np.mean(state["losses"]["qa"][-20:])) if state["losses"]["qa"] else None,
                 "visual_tokens": vlm.visual_tokens}
         save_mini(vlm, cfg.spec, out / role, meta)
