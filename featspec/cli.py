@@ -440,7 +440,8 @@ def cmd_calibrate(args) -> int:
 def cmd_bench(args) -> int:
     from featspec.data import load_dataset
     from featspec.bench.methods import HF_METHODS, LLAMACPP_METHODS, base_method, parse_methods
-    from featspec.bench.report import markdown_table, write_json, write_plot
+    from featspec.bench.report import markdown_table, write_plot
+    from featspec.io import write_json
     from featspec.bench.runner import run_bench
     from featspec.io import write_text
     from featspec.validate import check_destination

@@ -1,8 +1,7 @@
-"""Side-by-side benchmark: every method on every prompt, interleaved, after a warm-up.
+"""`featspec bench`: every method on every prompt (all turns), on the interleaved harness (`harness.py`).
 
-Per prompt the methods run one after another (the order rotates from prompt to prompt), so drift of
-the machine (thermal, other load) hits all methods alike. Speed is reported as a ratio to `hf` from
-the same run, never as a number from elsewhere.
+Speed is reported as a ratio to `hf` from the same run, never as a number from elsewhere; exactness of greedy
+output against `hf` (llama.cpp's own methods against `llamacpp`), with where outputs part.
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from tqdm import tqdm
 
 from featspec.data import Sample
+from featspec.bench.harness import interleave
 from featspec.bench.methods import RunRecord, build_method
 from featspec.llamacpp.bench import LLAMACPP_METHODS
 from featspec.drafters import DraftOptions
@@ -110,29 +109,25 @@ def run_bench(
 
 def _run(lm, samples, methods, runners, max_new_tokens, sampling, seed, warmup) -> dict[str, MethodTotals]:
     totals = {m: MethodTotals() for m in methods}
-
     warm_ids = prompt_ids_for(lm, samples[0], [{"role": "user", "content": samples[0].turns[0]}])
-    for _ in range(warmup):
-        for m in methods:
-            runners[m].run(warm_ids, min(32, max_new_tokens), seed)
 
-    bar = tqdm(total=len(samples) * len(methods), desc="bench", unit="run", dynamic_ncols=True)
-    for i, sample in enumerate(samples):
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        for m in order:
-            history: list[dict[str, str]] = []
-            outs: list[list[int]] = []
-            for turn in sample.turns:
-                history.append({"role": "user", "content": turn})
-                ids = prompt_ids_for(lm, sample, history)
-                rec = runners[m].run(ids, max_new_tokens, seed + i)
-                totals[m].add(rec)
-                outs.append(rec.new_ids)
-                history.append({"role": "assistant", "content": lm.tokenizer.decode(rec.new_ids, skip_special_tokens=True)})
-            totals[m].outputs.append(outs)
-            bar.update(1)
-            bar.set_postfix_str(f"{m} {totals[m].new_tokens / max(totals[m].seconds, 1e-9):.1f} tok/s")
-    bar.close()
+    def run(m: str, item: tuple[int, Sample], warm: bool) -> None:
+        if warm:  # the first prompt's first turn, short: kernels built, nothing recorded
+            runners[m].run(warm_ids, min(32, max_new_tokens), seed)
+            return
+        i, sample = item
+        history: list[dict[str, str]] = []
+        outs: list[list[int]] = []
+        for turn in sample.turns:
+            history.append({"role": "user", "content": turn})
+            rec = runners[m].run(prompt_ids_for(lm, sample, history), max_new_tokens, seed + i)
+            totals[m].add(rec)
+            outs.append(rec.new_ids)
+            history.append({"role": "assistant", "content": lm.tokenizer.decode(rec.new_ids, skip_special_tokens=True)})
+        totals[m].outputs.append(outs)
+
+    interleave(list(enumerate(samples)), methods, run, warmup=[(0, samples[0])] * warmup, desc="bench",
+               status=lambda m: f"{m} {totals[m].new_tokens / max(totals[m].seconds, 1e-9):.1f} tok/s")
     return totals
 
 

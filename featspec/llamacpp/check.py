@@ -44,7 +44,8 @@ def run_check(target: str = "smollm2-135m", limit: int = 10, max_new_tokens: int
               head: str | None = None, sweep_flags: bool = True) -> int:
     """`head`: an EAGLE-3 head directory (default: the one featspec ships for `target`)."""
     from featspec.data import load_dataset
-    from featspec.bench.report import markdown_table, write_json
+    from featspec.bench.report import markdown_table
+    from featspec.io import write_json
     from featspec.bench.runner import prompt_ids_for, run_bench
     from featspec.drafters import DraftOptions
     from featspec.llamacpp.source import build, pinned_tree

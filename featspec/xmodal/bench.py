@@ -1,4 +1,4 @@
-"""`featspec xmodal bench`: the video target alone vs cross-modal drafting, interleaved per clip."""
+"""`featspec xmodal bench`: the video target alone vs cross-modal drafting, on the core's interleaved harness."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from featspec.xmodal.world.clips import SplitData
 from featspec.xmodal.drafting.drafter import CrossModalDrafter
 from featspec.drafters.eagle import FeatureDrafter
 from featspec.xmodal.drafting.hybrid import HybridDrafter
+from featspec.bench.harness import interleave
+from featspec.bench.report import speed_and_tau, table
 from featspec.engine import SpeculativeGenerator
 from featspec.errors import FeatspecError
 from featspec.models.target import TargetModel
@@ -158,58 +160,49 @@ def _timeline(out, d: CrossModalDrafter | None, t0: float) -> list[tuple[str, fl
 
 def run_bench(kit: Kit, data: SplitData, methods: list[str], limit: int, max_new_tokens: int = 64, warmup: int = 1,
               progress: bool = True) -> dict:
-    """Every method on every clip, the order rotating per clip, after `warmup` clips run and discarded."""
-    from tqdm import tqdm
-
+    """Every method on every clip on the core's interleaved harness, after `warmup` clips run and discarded."""
     check_methods(methods, kit)
     if "hybrid" in methods:  # measured before any timing: does the drafter's parallel prefill pay here?
         q0 = question_for(data.scenes[0], 0).question
         parallel_prefill_pays(kit, data.frames[0], data.event_images[0], q0)
-    parts = ("prefill_s", "drafter_prefill_s", "draft_s", "verify_s")
-    rec = {m: {"seconds": 0.0, "tokens": 0, "exact": 0, "steps": 0, "committed": 0, "timeline": None,
-               **dict.fromkeys(parts, 0.0)} for m in methods}
-    for i in tqdm(range(limit + warmup), desc="xmodal bench", disable=not progress):
-        j = i % len(data.scenes)
+    n = len(data.scenes)
+
+    def run(m: str, j: int, warm: bool) -> dict:
         q = question_for(data.scenes[j], j).question
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        outs = {m: _one(m, kit, data.frames[j], data.event_images[j], q, max_new_tokens) for m in order}
-        if i < warmup:
-            continue
-        ref = outs["target"]["ids"]
-        for m, o in outs.items():
-            r = rec[m]
-            r["seconds"] += o["seconds"]
-            r["tokens"] += len(o["ids"])
-            r["exact"] += int(o["ids"] == ref)
-            if o["steps"] is not None:
-                r["steps"] += len(o["steps"])
-                r["committed"] += o["committed"]
-                for k in parts:
-                    r[k] += o[k]
-                if r["timeline"] is None:  # one clip's phases, for the timeline plot
-                    r["timeline"] = [(name, round(a, 4), round(b, 4)) for name, a, b in o["timeline"]]
-    base = rec["target"]["tokens"] / rec["target"]["seconds"]
+        return _one(m, kit, data.frames[j], data.event_images[j], q, max_new_tokens)
+
+    outs = interleave([i % n for i in range(warmup, warmup + limit)], methods, run, warmup=[i % n for i in range(warmup)],
+                      desc="xmodal bench", progress=progress)
+    parts = ("prefill_s", "drafter_prefill_s", "draft_s", "verify_s")
+    ref = outs["target"]
+    base = sum(len(o["ids"]) for o in ref) / sum(o["seconds"] for o in ref)
     result = {}
-    for m, r in rec.items():
-        tps = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
-        result[m] = {"tokens_per_s": round(tps, 2), "speedup": round(tps / base, 3), "exact_match": r["exact"] / limit,
-                     "tau": round(r["committed"] / r["steps"], 3) if r["steps"] else None,
-                     "time_breakdown_s": {k: round(r[k], 3) for k in parts},
-                     "seconds": round(r["seconds"], 3), "tokens": r["tokens"], "timeline_first_clip": r["timeline"]}
+    for m, runs in outs.items():
+        seconds, tokens = sum(o["seconds"] for o in runs), sum(len(o["ids"]) for o in runs)
+        drafted = [o for o in runs if o["steps"] is not None]
+        steps, committed = sum(len(o["steps"]) for o in drafted), sum(o["committed"] for o in drafted)
+        tps = tokens / seconds if seconds else 0.0
+        result[m] = {"tokens_per_s": round(tps, 2), "speedup": round(tps / base, 3),
+                     "exact_match": sum(o["ids"] == r["ids"] for o, r in zip(runs, ref)) / limit,
+                     "tau": round(committed / steps, 3) if steps else None,
+                     "time_breakdown_s": {k: round(sum(o[k] for o in drafted), 3) for k in parts},
+                     "seconds": round(seconds, 3), "tokens": tokens,
+                     # one clip's phases, for the timeline plot
+                     "timeline_first_clip": [(name, round(a, 4), round(b, 4)) for name, a, b in drafted[0]["timeline"]]
+                     if drafted else None}
         if m == "hybrid":
             result[m]["parallel_prefill"] = kit.parallel
     return result
 
 
+COLUMNS = [("method", None, None), ("tok/s", "tokens_per_s", ".1f"), ("speedup", "speedup", ".2fx"), ("tau", "tau", ".2f"),
+           ("exact", "exact_match", ".2f"), ("target prefill s", "time_breakdown_s.prefill_s", ".2f"),
+           ("drafter prefill s", "time_breakdown_s.drafter_prefill_s", ".2f"), ("drafting s", "time_breakdown_s.draft_s", ".2f"),
+           ("verify s", "time_breakdown_s.verify_s", ".2f")]
+
+
 def markdown(result: dict) -> str:
-    lines = ["| method | tok/s | speedup | tau | exact | target prefill s | drafter prefill s | drafting s | verify s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for m, r in result.items():
-        tb = r["time_breakdown_s"]
-        tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
-        lines.append(f"| {m} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {tau} | {r['exact_match']:.2f} | "
-                     f"{tb['prefill_s']:.2f} | {tb['drafter_prefill_s']:.2f} | {tb['draft_s']:.2f} | {tb['verify_s']:.2f} |")
-    return "\n".join(lines)
+    return table(COLUMNS, result)
 
 
 def plot(result: dict, path: Path, title: str = "") -> None:
@@ -221,13 +214,7 @@ def plot(result: dict, path: Path, title: str = "") -> None:
 
     methods = list(result)
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [1, 1, 2]})
-    a1.bar(methods, [result[m]["speedup"] for m in methods], color="tab:blue")
-    a1.axhline(1.0, color="grey", lw=0.8)
-    a1.set_title("speedup vs target (same run)")
-    a2.bar(methods, [result[m]["tau"] or 0 for m in methods], color="tab:orange")
-    a2.set_title("tau (tokens per verification)")
-    for a in (a1, a2):
-        a.tick_params(axis="x", rotation=60)
+    speed_and_tau(a1, a2, result, "speedup", "speedup vs target (same run)")
     colours = {"drafting": "tab:green", "verification": "tab:red"}
     rows = [m for m in methods if result[m]["timeline_first_clip"]]
     for y, m in enumerate(rows):
