@@ -20,18 +20,21 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_range(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (no upper bound without hi)."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}" if hi is None
+                                             else f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = int_range(1)
+nonneg_int = int_range(0)
 
 
 def seed(text: str) -> int:
