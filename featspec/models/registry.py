@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +16,7 @@ from typing import Callable
 import torch
 
 from featspec.errors import FeatspecError
-from featspec.io import cache_root
+from featspec.io import atomic_dir_write, cache_root
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -101,21 +98,16 @@ def _dequantized_dir(alias: Alias) -> Path:
     print(f"featspec: dequantizing {gguf.name} once (cached at {out})", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias.name}-", dir=out.parent))
     # the weights are plain dequantized tensors now; drop the GGUF marker so they save as safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # atomic: a killed run never leaves a half-written model dir
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+
+    atomic_dir_write(out, write)  # a killed run never leaves a half-written model dir
     return out
 
 

@@ -76,7 +76,7 @@ def regenerate(lm, convs: list[tuple[str, str]], max_new_tokens: int = 320, batc
         if len(ids) <= max_prompt_tokens:
             todo.append((cid, text, ids))
     if todo:  # with everything answered already (cache or shipped) the model is not touched
-        window = batch_size * window_batches  # batch 64 measured 1.5x the tokens/s of batch 16 here (HF generate, bf16)
+        window = batch_size * window_batches  # large batches pay on a CPU too (measurements in docs/eagle.md)
         todo = [r for i in range(0, len(todo), window) for r in sorted(todo[i : i + window], key=lambda r: len(r[2]))]
         done.update(_answer(lm, todo, path, max_new_tokens, batch_size))
     return [(cid, done[cid]) for cid, _ in convs if cid in done]

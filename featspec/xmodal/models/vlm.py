@@ -68,7 +68,7 @@ class VLM:
     def pixel_key(self) -> str:
         return "pixel_values_videos" if self.kind == "video" else "event_pixels"
 
-    def _text_ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prefix_ids(self) -> list[int]:
@@ -79,15 +79,15 @@ class VLM:
             visual = [EVENT_TOKEN_INDEX]
         elif self.frame_labels:  # the video tokens stay in frame order, so the model's scatter is unchanged
             per = self.visual_tokens // 8
-            visual = [t for k in range(8) for t in self._text_ids(f"Frame {k + 1}:") + [self.model.config.video_token_id] * per]
+            visual = [t for k in range(8) for t in self.text_ids(f"Frame {k + 1}:") + [self.model.config.video_token_id] * per]
         else:
             visual = [self.model.config.video_token_id] * self.visual_tokens
         bos = [self.tokenizer.bos_token_id] if self.add_bos and self.tokenizer.bos_token_id is not None else []
-        return bos + self._text_ids(before) + visual
+        return bos + self.text_ids(before) + visual
 
     def turn_ids(self, question: str) -> list[int]:
         """The prompt after the visual placeholder: the question and the assistant header."""
-        return self._text_ids(self.template.split("{visual}")[1].format(question=question))
+        return self.text_ids(self.template.split("{visual}")[1].format(question=question))
 
     def prompt_ids(self, question: str) -> list[int]:
         return self.prefix_ids() + self.turn_ids(question)

@@ -30,7 +30,7 @@ def clip_examples(target: VLM, data: SplitData, seed: int = 0) -> list[tuple[int
     for i, scene in enumerate(data.scenes):
         for qa in questions(scene, seed=seed):
             prompt = target.prompt_ids(qa.question)
-            answer = target._text_ids(qa.answer) + [target.eos_ids[0]]
+            answer = target.text_ids(qa.answer) + [target.eos_ids[0]]
             out.append((i, Example(prompt + answer, [0] * len(prompt) + [1] * len(answer), qa.kind)))
     return out
 

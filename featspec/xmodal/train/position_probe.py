@@ -43,7 +43,7 @@ def collect(vlm: VLM, world: WorldConfig, n_clips: int, layers: tuple[int, ...])
         k = movers[0]
         ref = _ref(sc, sc.objects[k])
         prompt = vlm.prompt_ids(f"Where is {ref} in frame 1?")
-        answer = vlm._text_ids(_in_frame(sc.objects[k], 1, ref) + ".")
+        answer = vlm.text_ids(_in_frame(sc.objects[k], 1, ref) + ".")
         ids = torch.tensor([prompt + answer])
         pixels = to_pixels(data.frames[i], vcfg.image_size)[None].to(dtype)
         tower = tower_tokens(vlm, pixels)[0]  # (8, tokens per frame, vision hidden)

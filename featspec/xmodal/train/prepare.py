@@ -60,7 +60,7 @@ class PrepareConfig:
                         extra={"target_layers": 2})
         from featspec.drafters.cost import bf16_matmul_is_fast
 
-        # a smoke run takes the fast dtype: emulated bf16 (AVX2-only CPUs) made it 20x slower
+        # a smoke run takes the fast dtype: emulated bf16 makes it many times slower (docs/crossmodal.md)
         return cls(out=out, spec=spec, n_train=24, probe_steps={"video": 3, "events": 3}, probe_batch=8, qa_steps={"video": 3, "events": 3},
                    qa_batch=2, checkpoint_every=2, backbone_dtype="bfloat16" if bf16_matmul_is_fast() else "float32")
 
@@ -246,7 +246,7 @@ def qa_rows(vlm: VLM, data: SplitData, idx: list[int], step: int, seed: int, max
             qas += grounding(data.scenes[i], rng, grounding_turns)
         for qa in qas:
             prompt = vlm.turn_ids(qa.question)
-            answer = vlm._text_ids(qa.answer) + [vlm.eos_ids[0]]
+            answer = vlm.text_ids(qa.answer) + [vlm.eos_ids[0]]
             spans.append((len(seq), len(seq) + len(prompt), len(seq) + len(prompt) + len(answer)))
             start = len(seq) + len(prompt)
             if qa.cells and vlm.kind == "video":  # each cell quotes two coordinates, x then y
