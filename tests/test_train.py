@@ -51,7 +51,7 @@ def test_render_masks_assistant_tokens(tiny_target_dir):
     assert "Hi there" not in marked and "Bye" not in marked and "system" not in marked
 
 
-@pytest.mark.parametrize("method", ["eagle3", "eagle1"])
+@pytest.mark.parametrize("method", ["eagle3", "eagle1", "block"])
 def test_resume_reproduces_the_uninterrupted_run(tiny_target_dir, tmp_path, method):
     target_dir, _ = tiny_target_dir
     full = train(config(target_dir, tmp_path / "full", method=method))
@@ -80,7 +80,7 @@ def test_trainer_refuses_bad_invocations(tiny_target_dir, tmp_path):
     train(config(target_dir, tmp_path / "run", max_steps=1))
     with pytest.raises(FeatspecError, match="--resume"):
         train(config(target_dir, tmp_path / "run"))
-    with pytest.raises(FeatspecError, match="eagle1 or eagle3"):
+    with pytest.raises(FeatspecError, match="eagle1, eagle3 or block"):
         train(config(target_dir, tmp_path / "x", method="medusa"))
 
 
@@ -239,3 +239,19 @@ def test_init_from_a_smaller_draft_vocab_widens_it(tiny_target_dir, tmp_path):
     assert torch.equal(load_head(kept).d2t, new.d2t)  # no --draft-vocab: the head's own vocabulary
     with pytest.raises(FeatspecError, match="widened, not narrowed"):
         train(config(target_dir, tmp_path / "narrow", max_steps=1, draft_vocab=256, init_from=str(first)))
+
+
+def test_block_head_starts_from_an_eagle3_head(tiny_target_dir, tmp_path):
+    """--init-from an EAGLE-3 head: the block head takes its fusion, layer and vocabulary, and its new mask slots
+    start from the mean real entry (not zeros); per-position agreement is logged for every block position."""
+    target_dir, _ = tiny_target_dir
+    e3 = load_head(train(config(target_dir, tmp_path / "e3", max_steps=1)))
+    block_dir = train(config(target_dir, tmp_path / "b", method="block", block_size=3, anchors=4, max_steps=0,
+                             epochs=1, lr=1e-12, init_from=str(tmp_path / "e3" / "head")))
+    block = load_head(block_dir)
+    assert block.kind == "block" and block.block_size == 3
+    torch.testing.assert_close(block.d2t, e3.d2t)
+    torch.testing.assert_close(block.midlayer.mlp.down_proj.weight, e3.midlayer.mlp.down_proj.weight, rtol=1e-3, atol=1e-6)
+    assert float(block.mask_feat.abs().sum()) > 0 and float(block.mask_embed.abs().sum()) > 0
+    evals = json.loads((tmp_path / "b" / "train_log.json").read_text())["evals"]
+    assert {"acc_0", "acc_1", "acc_2"} <= set(evals[-1])

@@ -28,6 +28,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "eagle3-lookup": ("eagle3", {"lookup": True}),
     "eagle3-auto-lookup": ("eagle3", {"budget": "auto", "lookup": True}),
     "eagle3-fixed-lookup": ("eagle3", {"budget": "fixed", "lookup": True}),
+    "block-lookup": ("block", {"lookup": True}),
+    "block-fixed": ("block", {"budget": "fixed"}),
 }
 # llama.cpp beside featspec (featspec/llamacpp): the target alone, and with the EAGLE-3 head as draft
 from featspec.llamacpp.bench import LLAMACPP_METHODS  # noqa: E402

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from featspec.cli.common import DTYPE_CHOICES, command_line, int_list
-from featspec.validate import finite_float, nonneg_int, positive_int, seed
+from featspec.validate import finite_float, int_range, nonneg_int, positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     from featspec.train.trainer import DEFAULT_DRAFT_VOCAB, TrainConfig
 
     d = TrainConfig()
-    t.add_argument("--method", choices=("eagle1", "eagle3"), default=d.method, help=f"head type (default {d.method})")
+    t.add_argument("--method", choices=("eagle1", "eagle3", "block"), default=d.method,
+                   help=f"head type (default {d.method}); block: all draft positions from one head forward (docs/block.md)")
     t.add_argument("--target", default=d.target, help=f"target model spec (default {d.target})")
     t.add_argument("--data", default=d.data, help="training data: sharegpt (the held-out benchmark slice is excluded)")
     t.add_argument("--max-conversations", type=positive_int, default=d.max_conversations,
@@ -40,6 +41,10 @@ def add_parser(sub) -> None:
     t.add_argument("--regenerate", action="store_true", help="answer the first user turn of each conversation with the target itself (greedy, "
                         "batched, cached under ~/.cache/featspec/regenerated) and train on those answers")
 
+    t.add_argument("--block-size", type=int_range(2, 16), default=d.block_size,
+                   help=f"block: positions drafted per head forward (default {d.block_size})")
+    t.add_argument("--anchors", type=positive_int, default=d.anchors,
+                   help=f"block: anchor positions per sequence whose mask slots each micro-batch scores (default {d.anchors})")
     t.add_argument("--layer-ids", default="", metavar="A,B,C",
                    help="EAGLE-3: the three HF hidden_states indices the head fuses (hidden_states[k] is the input of "
                         "layer k; default 2, L//2, L-3)")
@@ -66,7 +71,7 @@ def run(args) -> int:
         draft_vocab=args.draft_vocab, dtype=args.dtype, save_every=args.save_every, eval_every=args.eval_every,
         max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate, init_from=args.init_from,
         cache_features=args.cache_features, skip_conversations=args.skip_conversations,
-        layer_ids=int_list(args.layer_ids, "--layer-ids"),
+        layer_ids=int_list(args.layer_ids, "--layer-ids"), block_size=args.block_size, anchors=args.anchors,
     )
     train(cfg, resume=args.resume, command=command_line())
     return 0

@@ -17,8 +17,8 @@ from featspec.errors import FeatspecError
 from featspec.models.registry import LoadedModel, load_model
 from featspec.protocol import Drafter
 
-DRAFT_METHODS = ("vanilla", "ngram", "model", "eagle1", "eagle2", "eagle3")
-HEAD_KIND = {"eagle1": "eagle1", "eagle2": "eagle1", "eagle3": "eagle3"}  # method -> head it drafts with
+DRAFT_METHODS = ("vanilla", "ngram", "model", "eagle1", "eagle2", "eagle3", "block")
+HEAD_KIND = {"eagle1": "eagle1", "eagle2": "eagle1", "eagle3": "eagle3", "block": "block"}  # method -> head it drafts with
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "assets" / "heads"
 
 
@@ -117,7 +117,7 @@ def build_drafter(method: str, target: LoadedModel, opts: DraftOptions | None = 
 
 def needs_costs(method: str, opts: DraftOptions) -> bool:
     """Does this drafter price its trees with the machine's cost model?"""
-    return method in ("eagle2", "eagle3") and opts.budget == "auto"
+    return method in ("eagle2", "eagle3", "block") and opts.budget == "auto"
 
 
 def _build(method: str, target: LoadedModel, opts: DraftOptions, costs, log) -> Drafter:
@@ -133,18 +133,27 @@ def _build(method: str, target: LoadedModel, opts: DraftOptions, costs, log) -> 
         head = load_feature_head(method, target, opts.head, log)
         if method == "eagle1":
             return FeatureDrafter(head, method, static_tree=DEFAULT_STATIC_TREE)
-        budget = None
-        if opts.budget == "auto":
-            from featspec.drafters.budget import Budget
-
-            if costs is None:
-                raise ValueError("budget auto prices trees with the machine's cost model: pass costs")
-            budget = Budget(costs())
-        elif opts.budget != "fixed":
-            raise FeatspecError(f"unknown budget '{opts.budget}': use fixed or auto")
+        budget = _budget(opts, costs)
         depth, total = opts.tree_shape()
+        if method == "block":
+            from featspec.drafters.block import BlockDrafter
+
+            return BlockDrafter(head, method, topk=opts.topk, total_tokens=total, budget=budget, depth=depth)
         return FeatureDrafter(head, method, depth=depth, topk=opts.topk, total_tokens=total, budget=budget)
     raise FeatspecError(f"unknown method '{method}': use one of {', '.join(DRAFT_METHODS)}")
+
+
+def _budget(opts: DraftOptions, costs: Callable | None):
+    """The tree budget of --budget auto (None: fixed)."""
+    if opts.budget == "fixed":
+        return None
+    if opts.budget != "auto":
+        raise FeatspecError(f"unknown budget '{opts.budget}': use fixed or auto")
+    from featspec.drafters.budget import Budget
+
+    if costs is None:
+        raise ValueError("budget auto prices trees with the machine's cost model: pass costs")
+    return Budget(costs())
 
 
 

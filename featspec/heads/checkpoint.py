@@ -20,11 +20,13 @@ from safetensors.torch import load_file, save_file
 from featspec.errors import FeatspecError
 from featspec.io import atomic_dir_write
 from featspec.heads.base import DraftHead
+from featspec.heads.block import BlockHead
 from featspec.heads.eagle1 import Eagle1Head
 from featspec.heads.eagle3 import Eagle3Head, default_layer_ids
 from featspec.heads.layers import HeadConfig
 
 EAGLE3_ARCH = "LlamaForCausalLMEagle3"
+BLOCK_ARCH = "FeatspecBlockDrafter"  # featspec's own: no engine loads it under this name
 STRIP_PREFIXES = ("model.", "module.", "draft_model.", "eagle.")
 
 
@@ -59,7 +61,11 @@ def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | Non
     }
     fs = {"kind": head.kind, "target_num_layers": c.target_num_layers}
     if isinstance(head, Eagle3Head):
-        cfg["architectures"] = [EAGLE3_ARCH]
+        # a block head is featspec's own layout: naming it an EAGLE-3 architecture would let an engine load it as
+        # one and ignore its mask slots (docs/block.md: what vLLM's DFlash drafters expect instead)
+        cfg["architectures"] = [BLOCK_ARCH if isinstance(head, BlockHead) else EAGLE3_ARCH]
+        if isinstance(head, BlockHead):
+            fs["block_size"] = head.block_size
         cfg["draft_vocab_size"] = c.draft_vocab_size
         cfg["norm_before_residual"] = c.norm_before_residual
         if c.target_hidden_size and c.target_hidden_size != c.hidden_size:
@@ -254,6 +260,7 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
         tensors = _renamed(tensors, "layers.0.", "midlayer.")
     fs = cfg.get("featspec") or {}
     is3 = EAGLE3_ARCH in (cfg.get("architectures") or []) or "midlayer.self_attn.q_proj.weight" in tensors
+    block = fs.get("kind") == "block" or BLOCK_ARCH in (cfg.get("architectures") or [])
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
     if is3:
@@ -280,7 +287,13 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
             raise FeatspecError(f"{path}/config.json: layer ids {ids!r} must be a list of non-negative integers")
         if ids is not None and len(ids) != n_fused:
             raise FeatspecError(f"{path}: fc reads {n_fused} layers but the config lists {len(ids)} layer ids")
-        head: DraftHead = Eagle3Head(hc, tuple(ids) if ids else None, num_fused=n_fused)
+        if block:
+            slots = tensors.get("mask_feat")
+            if slots is None or slots.dim() != 2:
+                raise FeatspecError(f"{path} lacks mask_feat: not a complete block head (re-export it)")
+            head: DraftHead = BlockHead(hc, tuple(ids) if ids else None, num_fused=n_fused, block_size=slots.shape[0] + 1)
+        else:
+            head = Eagle3Head(hc, tuple(ids) if ids else None, num_fused=n_fused)
         if "d2t" not in tensors or "t2d" not in tensors:
             raise FeatspecError(f"{path} lacks d2t/t2d: not a complete EAGLE-3 head (re-export it)")
     else:
@@ -334,6 +347,10 @@ def export_head(src: str, fmt: str, out: Path, dtype: str | None = None, verifie
     if fmt not in ENGINES:
         raise FeatspecError(f"unknown format '{fmt}': use one of {', '.join(ENGINES)}")
     head = load_head(src, dtype=None)
+    if isinstance(head, BlockHead):
+        raise FeatspecError(f"{src} is a block head, which no serving engine loads: vLLM's DFlash drafters inject the "
+                            "target's features as context K/V into their own decoder layers, this head reads "
+                            "[embedding, feature] at every query (docs/block.md)")
     if fmt != "vllm" and not isinstance(head, Eagle3Head):
         raise FeatspecError(f"--format {fmt} holds EAGLE-3 heads; {src} is an {head.kind} head (use --format vllm)")
     cfg_src = read_head_config(resolve_head_dir(src))

