@@ -33,7 +33,7 @@ def make_head(model, k: int = 4, vocab: int = 64, seed: int = 0) -> BlockHead:
     torch.manual_seed(seed)
     head = BlockHead(HeadConfig.from_target(model.config, draft_vocab_size=vocab), block_size=k).bind(model)
     head.set_vocab(torch.arange(model.config.vocab_size)[-vocab:])
-    torch.nn.init.normal_(head.mask_feat, std=0.5)
+    torch.nn.init.normal_(head.mask_feat, std=0.1)
     torch.nn.init.normal_(head.mask_embed, std=0.5)
     return head
 

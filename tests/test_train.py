@@ -242,8 +242,9 @@ def test_init_from_a_smaller_draft_vocab_widens_it(tiny_target_dir, tmp_path):
 
 
 def test_block_head_starts_from_an_eagle3_head(tiny_target_dir, tmp_path):
-    """--init-from an EAGLE-3 head: the block head takes its fusion, layer and vocabulary, and its new mask slots
-    start from the mean real entry (not zeros); per-position agreement is logged for every block position."""
+    """--init-from an EAGLE-3 head: the block head keeps its fusion, layer and vocabulary (frozen), its slot layer
+    starts as a copy of the EAGLE-3 layer and its slot embeddings at the mean real one; per-position agreement is
+    logged for every block position."""
     target_dir, _ = tiny_target_dir
     e3 = load_head(train(config(target_dir, tmp_path / "e3", max_steps=1)))
     block_dir = train(config(target_dir, tmp_path / "b", method="block", block_size=3, anchors=4, max_steps=0,
@@ -251,7 +252,10 @@ def test_block_head_starts_from_an_eagle3_head(tiny_target_dir, tmp_path):
     block = load_head(block_dir)
     assert block.kind == "block" and block.block_size == 3
     torch.testing.assert_close(block.d2t, e3.d2t)
-    torch.testing.assert_close(block.midlayer.mlp.down_proj.weight, e3.midlayer.mlp.down_proj.weight, rtol=1e-3, atol=1e-6)
-    assert float(block.mask_feat.abs().sum()) > 0 and float(block.mask_embed.abs().sum()) > 0
+    for name, w in e3.midlayer.state_dict().items():  # position 0 stays the EAGLE-3 head's (frozen) ...
+        torch.testing.assert_close(block.midlayer.state_dict()[name], w, rtol=0, atol=0)
+        # ... and the slot layer starts as its copy
+        torch.testing.assert_close(block.slot_layer.state_dict()[name], w, rtol=1e-3, atol=1e-6)
+    assert float(block.mask_embed.abs().sum()) > 0
     evals = json.loads((tmp_path / "b" / "train_log.json").read_text())["evals"]
     assert {"acc_0", "acc_1", "acc_2"} <= set(evals[-1])

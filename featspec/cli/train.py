@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
                    help=f"block: positions drafted per head forward (default {d.block_size})")
     t.add_argument("--anchors", type=positive_int, default=d.anchors,
                    help=f"block: anchor positions per sequence whose mask slots each micro-batch scores (default {d.anchors})")
+    t.add_argument("--train-base", action="store_true",
+                   help="block: also train the EAGLE-3 part it starts from (by default only the slots learn, so "
+                        "position 0 drafts exactly as the EAGLE-3 head does)")
     t.add_argument("--layer-ids", default="", metavar="A,B,C",
                    help="EAGLE-3: the three HF hidden_states indices the head fuses (hidden_states[k] is the input of "
                         "layer k; default 2, L//2, L-3)")
@@ -72,6 +75,7 @@ def run(args) -> int:
         max_steps=args.max_steps, seed=args.seed, regenerate=args.regenerate, init_from=args.init_from,
         cache_features=args.cache_features, skip_conversations=args.skip_conversations,
         layer_ids=int_list(args.layer_ids, "--layer-ids"), block_size=args.block_size, anchors=args.anchors,
+        train_base=args.train_base,
     )
     train(cfg, resume=args.resume, command=command_line())
     return 0

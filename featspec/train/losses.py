@@ -9,8 +9,8 @@ with uniform noise on the input features.
 EAGLE-3: training-time test over `ttt_steps` steps; step j feeds the head's own step j-1 outputs
 (shifted one position) back as features and attends as drafting j tokens ahead would; loss = soft CE
 against the target distribution restricted to the draft vocabulary, weighted 0.8^j.
-Block: one forward per batch over the real entries (position 0, causal, as EAGLE-3's step 0) and, for
-`anchors` sampled loss positions a per row, k-1 mask slots at a+1..a+k-1 that see the real entries <= a and
+Block: position 0 over the real entries (the EAGLE-3 layer, causal, as EAGLE-3's step 0) and, for `anchors`
+sampled loss positions a per row, k-1 slots at a+1..a+k-1 (the slot layer) that see the real entries <= a and
 each other; slot i is scored against the target's distribution at position a+i+1 (the token i+1 places after
 the anchor's next token), with the same soft CE; position i weighs 0.8^i, as the TTT steps do.
 """
@@ -126,16 +126,19 @@ def eagle3_loss(head: DraftHead, tb: TargetBatch, ttt_steps: int, lm_head: torch
 
 
 def block_outputs(head, feats: torch.Tensor, embeds: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """The head over every real entry (causal) and, per anchor a (B, A), k-1 mask slots at a+1..a+k-1 that see
-    the real entries <= a and the slots of their own block: what drafting after entry a computes, for many
-    anchors in one forward. Returns (B, T + A*(k-1), H): real entries first, then the slots block by block."""
+    """Position 0 for every real entry (the EAGLE-3 layer, causal) and, per anchor a (B, A), the k-1 slots after
+    entry a through the slot layer, seeing the real entries <= a and their own block only: what drafting after
+    entry a computes, for many anchors in one pass. Returns (B, T + A*(k-1), H): real entries, then the slots
+    block by block."""
     b, t, _ = feats.shape
     device = feats.device
     slots = head.block_size - 1
     n_anchor = anchor.shape[1]
-    slot_f, slot_e = head.slots(slots, b)
-    x_f = torch.cat([feats, slot_f.to(feats.dtype).repeat(1, n_anchor, 1)], 1)
-    x_e = torch.cat([embeds, slot_e.to(feats.dtype).repeat(1, n_anchor, 1)], 1)
+    real = head.run_layer(head.midlayer, feats, embeds, _positions(b, t, device), None, None)
+    newest = torch.gather(feats, 1, anchor[..., None].expand(-1, -1, feats.shape[-1]))  # (B, A, H)
+    slot_f, slot_e = head.slot_inputs(newest, slots)  # (B, A, k-1, H)
+    x_f = torch.cat([feats, slot_f.reshape(b, -1, feats.shape[-1])], 1)
+    x_e = torch.cat([embeds, slot_e.reshape(b, -1, feats.shape[-1])], 1)
     slot_pos = (anchor[:, :, None] + torch.arange(1, slots + 1, device=device)).reshape(b, -1)
     positions = torch.cat([_positions(b, t, device), slot_pos], 1)
     n = t + n_anchor * slots
@@ -144,7 +147,8 @@ def block_outputs(head, feats: torch.Tensor, embeds: torch.Tensor, anchor: torch
     group = torch.arange(n_anchor, device=device).repeat_interleave(slots)  # slot row -> its block
     allowed[:, t:, :t] = torch.arange(t, device=device)[None, None, :] <= anchor[:, group][:, :, None]
     allowed[:, t:, t:] = group[:, None] == group[None, :]
-    return head.layer(x_f, x_e, positions, None, allowed[:, None])
+    out = head.run_layer(head.slot_layer, x_f, x_e, positions, None, allowed[:, None])
+    return torch.cat([real, out[:, t:]], 1)
 
 
 def block_loss(head, tb: TargetBatch, lm_head: torch.nn.Module, anchors: int, generator: torch.Generator | None,

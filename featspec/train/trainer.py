@@ -20,13 +20,14 @@ from featspec.errors import FeatspecError
 from featspec.heads.checkpoint import save_head
 from featspec.io import write_json
 from featspec.heads.base import DraftHead
+from featspec.heads.block import BlockHead
 from featspec.heads.eagle3 import Eagle3Head, ids_from_d2t
 from featspec.train.data import Example, batch_order, collate, load_regenerated, load_sharegpt
 from featspec.train.features import cache_key, cached_batch, estimate_bytes, fill_cache, open_cache
 from featspec.train.loop import Loop, find_checkpoint, warmup_cosine
 from featspec.train.objective import HeadLoss, build_head
 from featspec.train.losses import target_batch
-from featspec.train.precondition import feature_scale, fold, scaled, unfold
+from featspec.train.precondition import feature_scale, fold, unfold
 
 
 DEFAULT_DRAFT_VOCAB = 8192
@@ -63,6 +64,7 @@ class TrainConfig:
     layer_ids: tuple[int, ...] = ()  # EAGLE-3: HF hidden_states indices to fuse (default: inputs of layers 2, L//2, L-3)
     block_size: int = 6  # block: positions drafted per head forward (k)
     anchors: int = 16  # block: anchor positions per sequence whose k-1 mask slots a micro-batch scores
+    train_base: bool = False  # block: also train the EAGLE-3 part (default: frozen, so position 0 stays EAGLE-3's)
 
 
 def read_init_state(source: str) -> dict[str, torch.Tensor]:
@@ -104,7 +106,7 @@ def init_weights(head: DraftHead, state: dict[str, torch.Tensor], source: str, t
             state = head.widened_state(state, target.get_output_embeddings().weight)
         except ValueError as exc:
             raise FeatspecError(f"--init-from {source}: {exc}") from None
-    new = [k for k in getattr(head, "NEW_KEYS", ()) if k not in state]
+    new = head.new_keys(state) if isinstance(head, BlockHead) else []
     bad = [k for k in mine if k not in new and (k not in state or state[k].shape != mine[k].shape)]
     if bad:
         raise FeatspecError(f"--init-from {source} does not match this head ({bad[0]}): use a head of the same method and target")
@@ -232,7 +234,11 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if cfg.method == "block" and not cfg.train_base:  # only the slots learn: position 0 stays the EAGLE-3 head's
+        for p in head.base_parameters():
+            p.requires_grad_(False)
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
     scale: torch.Tensor | None = None
     loop = Loop(optimizer, scheduler, lambda: model.parameters(), total=total_steps, accumulation=cfg.grad_accum,
@@ -257,12 +263,9 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
             scale = _measure_scale(cache, target, head, examples, pad_id, device).to(device)
             if cfg.init_from:  # the initial weights read raw features: rescale them to read standardised ones
                 head.fc.weight.data = unfold(head.fc.weight.data, scale)
-    if fresh_masks:  # new mask slots start from the mean real entry of the first training example
-        first = {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}
-        tb = cached_batch(cache, first, [0]) if cache is not None else target_batch(target, head, first)
+    if fresh_masks:  # new slots: a copy of the EAGLE-3 layer, input embeddings at the first example's mean
         with torch.no_grad():
-            feats = head.fuse(scaled(tb, scale).hidden if scale is not None else tb.hidden)[0]
-            head.init_masks(feats, head.embed(first["input_ids"][0]))
+            head.init_slots(head.embed(torch.tensor(examples[0].ids, device=device)))
     model, optimizer = accel.prepare(HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps,
                                               cfg.noise, cfg.anchors), optimizer)
     loop.optimizer, loop.model = optimizer, model
