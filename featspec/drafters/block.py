@@ -18,67 +18,42 @@ import time
 
 import torch
 
+from featspec.drafters.eagle import HeadState
 from featspec.heads.block import BlockHead
-from featspec.models.target import VerifyOutput
-from featspec.protocol import DraftContext, Drafter, StepFeedback
+from featspec.protocol import DraftContext, StepFeedback
 from featspec.tree import DraftTree
 
 
-class BlockDrafter(Drafter):
-    wants_hidden = True
-
+class BlockDrafter(HeadState):
     def __init__(self, head: BlockHead, name: str = "block", topk: int = 4, total_tokens: int = 16, budget=None,
                  depth: int | None = None):
         if topk < 1 or total_tokens < 1:
             raise ValueError("topk and total_tokens must be >= 1")
-        self.head = head.eval()
+        super().__init__(head, budget)
         self.name = name
-        self.topk, self.total_tokens, self.budget = topk, total_tokens, budget
+        self.topk, self.total_tokens = topk, total_tokens
         self.depth = head.block_size if depth is None else min(depth, head.block_size)
-        self.cache = None
-        self.pending: torch.Tensor | None = None  # head-space features of committed positions not fed yet
-        self._base_s = 0.0
-        self._gap_s: float | None = None
-
-    def _fuse(self, hidden: tuple[torch.Tensor, ...], rows) -> torch.Tensor:
-        dtype = next(self.head.parameters()).dtype
-        return self.head.fuse([hidden[i][rows].to(dtype) for i in self.head.layer_ids])
-
-    @torch.inference_mode()
-    def start(self, prompt_ids: list[int], prefill: VerifyOutput) -> None:
-        if prefill.hidden is None:
-            raise RuntimeError("the block drafter needs the target's hidden states (wants_hidden)")
-        self.cache = self.head.new_cache()
-        self.pending = self._fuse(prefill.hidden, slice(None))
 
     @torch.inference_mode()
     def observe(self, step: StepFeedback) -> None:
-        if step.proposed and self.budget is not None:
+        if step.proposed and self.budget is not None:  # one forward: no per-level times or child probabilities
             self.budget.update(step.accepted_own, self._base_s, [], [], self._gap_s)
-        feats = self._fuse(step.out.hidden, step.path)
-        self.pending = feats if self.pending is None else torch.cat([self.pending, feats])
+        self._take(step)
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         t0 = time.perf_counter()
-        self._gap_s = ctx.since_proposal_s
-        depth = min(self.depth, ctx.max_depth)
-        if self.budget is not None:
-            self.budget.at(len(ctx.tokens))
+        depth = self._begin_proposal(ctx)
         m = self.pending.shape[0]
-        start = self.cache.length
         tokens = torch.tensor(ctx.tokens[-m:], device=self.pending.device)
         # the block is drafted at full size whatever the room: a forward's cost hardly depends on k
-        out = self.head.draft(self.pending, tokens, start, self.cache, self.head.block_size)
+        out = self.head.draft(self.pending, tokens, self.cache.length, self.cache, self.head.block_size)
         self.pending = None
-        if depth < 1:
-            self._base_s = time.perf_counter() - t0
-            return DraftTree.root(ctx.tokens[-1])
-        logp = self.head.logits(out[:depth]).float().log_softmax(-1)
-        top = torch.topk(logp, min(self.topk, logp.shape[-1]), dim=-1)
-        ids = self.head.to_target_ids(top.indices).tolist()
-        lps = top.values.tolist()
-        tree = self._tree(ctx.tokens[-1], ids, lps)
+        tree = DraftTree.root(ctx.tokens[-1])
+        if depth >= 1:
+            logp = self.head.logits(out[:depth]).float().log_softmax(-1)
+            top = torch.topk(logp, min(self.topk, logp.shape[-1]), dim=-1)
+            tree = self._tree(ctx.tokens[-1], self.head.to_target_ids(top.indices).tolist(), top.values.tolist())
         self._base_s = time.perf_counter() - t0
         return tree
 

@@ -53,34 +53,22 @@ class _Node:
     col: int = -1  # cache column once fed
 
 
-class FeatureDrafter(Drafter):
-    """One drafter for every feature head; the tree policy is static or dynamic."""
+class HeadState(Drafter):
+    """What every drafter on a feature head keeps: the head's own KV cache over committed positions, and the
+    head-space features of committed positions not fed to it yet (from the prefill, then from each accepted
+    path), plus the timings the tree budget calibrates on."""
 
     wants_hidden = True
 
-    def __init__(self, head: DraftHead, name: str, static_tree: tuple[tuple[int, ...], ...] | None = None,
-                 depth: int = 4, topk: int = 4, total_tokens: int = 8, budget=None):
-        if static_tree is None and (depth < 1 or topk < 1 or total_tokens < 1):
-            raise ValueError("depth, topk and total_tokens must be >= 1")
+    def __init__(self, head: DraftHead, budget=None):
         self.head = head.eval()
-        self.name = name
-        self.static = set(static_tree) if static_tree is not None else None
-        if self.static is not None and (not self.static or any(p[:-1] and p[:-1] not in self.static for p in self.static)):
-            raise ValueError("a static tree must be a non-empty, prefix-closed set of rank paths")
-        # rank paths that have children in the static tree: computed once, not per drafted level
-        self._expandable = {p[:-1] for p in self.static} if self.static is not None else set()
-        self.depth = max(len(p) for p in static_tree) if static_tree is not None else depth
-        self.topk = (max(max(p) for p in static_tree) + 1) if static_tree is not None else topk
-        self.total_tokens = total_tokens
         self.budget = budget
         self.cache = None
         self.pending: torch.Tensor | None = None  # head-space features of committed positions not fed yet
-        # timings of the current step, fed to the budget: drafting before the first level, per level, and the
-        # engine's seconds from the previous proposal to this one (its verify and bookkeeping)
+        # the engine's seconds from the previous proposal to this one (its verify and bookkeeping), and the
+        # drafting time before the first level: what the budget's cost curve is calibrated with
         self._gap_s: float | None = None
         self._base_s = 0.0
-        self._level_s: list[float] = []
-        self._top1: list[list[float]] = []  # per drafted level, frontier order (best score first)
 
     @property
     def device(self) -> torch.device:
@@ -97,12 +85,44 @@ class FeatureDrafter(Drafter):
         self.cache = self.head.new_cache()
         self.pending = self._fuse(prefill.hidden, slice(None))
 
+    def _take(self, step: StepFeedback) -> None:
+        """Queue the accepted path's features for the next proposal."""
+        feats = self._fuse(step.out.hidden, step.path)
+        self.pending = feats if self.pending is None else torch.cat([self.pending, feats])
+
+    def _begin_proposal(self, ctx: DraftContext) -> int:
+        """Start a proposal: note the engine's timing, price trees at this context; returns the depth to draft."""
+        self._gap_s = ctx.since_proposal_s
+        if self.budget is not None:
+            self.budget.at(len(ctx.tokens))
+        return min(self.depth, ctx.max_depth)
+
+
+class FeatureDrafter(HeadState):
+    """One drafter for every feature head; the tree policy is static or dynamic."""
+
+    def __init__(self, head: DraftHead, name: str, static_tree: tuple[tuple[int, ...], ...] | None = None,
+                 depth: int = 4, topk: int = 4, total_tokens: int = 8, budget=None):
+        if static_tree is None and (depth < 1 or topk < 1 or total_tokens < 1):
+            raise ValueError("depth, topk and total_tokens must be >= 1")
+        super().__init__(head, budget)
+        self.name = name
+        self.static = set(static_tree) if static_tree is not None else None
+        if self.static is not None and (not self.static or any(p[:-1] and p[:-1] not in self.static for p in self.static)):
+            raise ValueError("a static tree must be a non-empty, prefix-closed set of rank paths")
+        # rank paths that have children in the static tree: computed once, not per drafted level
+        self._expandable = {p[:-1] for p in self.static} if self.static is not None else set()
+        self.depth = max(len(p) for p in static_tree) if static_tree is not None else depth
+        self.topk = (max(max(p) for p in static_tree) + 1) if static_tree is not None else topk
+        self.total_tokens = total_tokens
+        self._level_s: list[float] = []  # drafting time per level of the current step
+        self._top1: list[list[float]] = []  # per drafted level, frontier order (best score first)
+
     @torch.inference_mode()
     def observe(self, step: StepFeedback) -> None:
         if step.proposed and self.budget is not None:  # a step run without our tree has nothing to calibrate
             self.budget.update(step.accepted_own, self._base_s, self._level_s, self._top1, self._gap_s)
-        feats = self._fuse(step.out.hidden, step.path)
-        self.pending = feats if self.pending is None else torch.cat([self.pending, feats])
+        self._take(step)
 
     def _run(self, feats: torch.Tensor, tokens: list[int], positions: list[int], mask: torch.Tensor | None):
         dev = self.device
@@ -119,14 +139,10 @@ class FeatureDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
-        # verify + bookkeeping since the last draft: what the budget's cost curve must account for
-        self._gap_s = ctx.since_proposal_s
         self._level_s, self._top1 = [], []
         t0 = time.perf_counter()
         root = ctx.tokens[-1]
-        depth = min(self.depth, ctx.max_depth)
-        if self.budget is not None:
-            self.budget.at(len(ctx.tokens))
+        depth = self._begin_proposal(ctx)
         # 1. feed the committed (feature, next token) pairs; keep them in the cache for good
         m = self.pending.shape[0]
         real = self.cache.length

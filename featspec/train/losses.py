@@ -92,17 +92,21 @@ def eagle1_loss(head: DraftHead, tb: TargetBatch, noise: float, generator: torch
     return reg + 0.1 * ce, {"loss_reg": float(reg.detach()), "loss_ce": float(ce.detach()), "acc_0": float(acc)}
 
 
+@torch.no_grad()
+def draft_targets(head: DraftHead, tb: TargetBatch, lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's distribution (and argmax) over the head's draft vocabulary that entry t is scored against:
+    the target's at position t+1, from its final hidden state there."""
+    nxt = _shift_left(tb.last, 1)
+    w_draft = lm_head.weight[head.draft_ids]
+    target_logits = (nxt.to(w_draft.dtype) @ w_draft.T).float()
+    return target_logits.softmax(-1), target_logits.argmax(-1)
+
+
 def eagle3_loss(head: DraftHead, tb: TargetBatch, ttt_steps: int, lm_head: torch.nn.Module,
                 decay: float = 0.8) -> tuple[torch.Tensor, dict[str, float]]:
     b, t = tb.input_ids.shape
     device = tb.input_ids.device
-    draft_ids = head.draft_ids
-    with torch.no_grad():
-        nxt = _shift_left(tb.last, 1)  # final hidden of position t+1
-        w_draft = lm_head.weight[draft_ids]
-        target_logits = (nxt.to(w_draft.dtype) @ w_draft.T).float()
-        p = target_logits.softmax(-1)
-        best = target_logits.argmax(-1)
+    p, best = draft_targets(head, tb, lm_head)
     tokens = _shift_left(tb.input_ids[..., None], 1)[..., 0]
     positions = _positions(b, t, device)
     base_w = _loss_positions(tb)
@@ -157,13 +161,7 @@ def block_loss(head, tb: TargetBatch, lm_head: torch.nn.Module, anchors: int, ge
     k = head.block_size
     b, t = tb.input_ids.shape
     device = tb.input_ids.device
-    draft_ids = head.draft_ids
-    with torch.no_grad():
-        nxt = _shift_left(tb.last, 1)  # entry t is scored against the target at position t+1
-        w_draft = lm_head.weight[draft_ids]
-        target_logits = (nxt.to(w_draft.dtype) @ w_draft.T).float()
-        p = target_logits.softmax(-1)
-        best = target_logits.argmax(-1)
+    p, best = draft_targets(head, tb, lm_head)
     base_w = _loss_positions(tb)  # (B, T): entry t counts when token t+2 is assistant text
     feats = head.fuse(tb.hidden)
     embeds = head.embed(_shift_left(tb.input_ids[..., None], 1)[..., 0]).to(feats.dtype)
