@@ -1,7 +1,7 @@
 """How a block head's drafting forward costs with its block size k, beside an EAGLE-3 level (docs/block.md).
 
-Times `BlockHead.draft` (2 pending committed entries + the k-1 mask slots, after a 256-entry cache) for several
-k, and one EAGLE-3 tree level (4 frontier nodes) on the shipped head, in the dtype given; prints the CPU kind.
+Times `BlockHead.draft` (2 pending committed entries through both layers + the k-1 slots, after a 256-entry cache)
+for several k, and one EAGLE-3 tree level (4 frontier nodes) on the shipped head, in the dtype given; prints the CPU kind.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def main(dtype_name: str = "bfloat16") -> None:
 
     def filled(head):
         cache = head.new_cache()
-        head(feats[None, :ctx], toks[None, :ctx], torch.arange(ctx)[None], cache)
+        if isinstance(head, BlockHead):  # both layers' caches, through the drafting forward
+            head.draft(feats[:ctx], toks[:ctx], 0, cache, head.block_size)
+        else:
+            head(feats[None, :ctx], toks[None, :ctx], torch.arange(ctx)[None], cache)
         return cache
 
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, {dtype_name}")
@@ -57,8 +60,9 @@ def main(dtype_name: str = "bfloat16") -> None:
           f"{median_ms(lambda: e3.logits(feats[:4])):.2f} ms)")
     for k in (2, 4, 6, 8, 12, 16):
         head = BlockHead(e3.cfg, e3.layer_ids, block_size=k).to(dtype)
-        head.load_state_dict({**e3.state_dict(), "mask_feat": head.mask_feat, "mask_embed": head.mask_embed})
+        head.load_state_dict({**head.state_dict(), **e3.state_dict()})
         head.bind(lm.model)
+        head.init_slots(lm.model.get_input_embeddings().weight[:1000])
         cache = filled(head)
         t = median_ms(lambda: head.draft(feats[ctx:ctx + 2], toks[ctx:ctx + 2], ctx, cache, k))
         lg = median_ms(lambda: head.logits(feats[:k]))
