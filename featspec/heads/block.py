@@ -81,15 +81,6 @@ class BlockHead(Eagle3Head):
     def new_cache(self) -> BlockCache:
         return BlockCache()
 
-    def run_layer(self, layer: Eagle3Layer, feats: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-                  cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """An EAGLE-3 decoder layer over (feature, input embedding) pairs, embeddings given directly."""
-        normed = layer.hidden_norm(feats)
-        residual = normed if self.cfg.norm_before_residual else feats
-        x = torch.cat([layer.input_layernorm(embeds.to(feats.dtype)), normed], -1)
-        x = residual + layer.self_attn(x, positions, cache, mask)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
     def slot_inputs(self, newest: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and input embeddings of n slots after committed features `newest` (..., H): (..., n, H)."""
         feats = newest[..., None, :] + self.mask_feat[:n].to(newest.dtype)

@@ -314,6 +314,7 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
     head.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()})
     head.stored_dtype = str(tensors["fc.weight"].dtype).replace("torch.", "")
     head._source = str(path)
+    head.record = dict(fs)  # what featspec recorded about the head (training, evals): carried over by export
     return head.to(device=device, dtype=dtype) if dtype is not None else head.to(device)
 
 
@@ -353,11 +354,9 @@ def export_head(src: str, fmt: str, out: Path, dtype: str | None = None, verifie
                             "[embedding, feature] at every query (docs/block.md)")
     if fmt != "vllm" and not isinstance(head, Eagle3Head):
         raise FeatspecError(f"--format {fmt} holds EAGLE-3 heads; {src} is an {head.kind} head (use --format vllm)")
-    cfg_src = read_head_config(resolve_head_dir(src))
     out_dtype = getattr(torch, dtype or head.stored_dtype)
     save_head(head, out, dtype=out_dtype, engine=fmt, verifier=verifier,
-              extra={k: v for k, v in (cfg_src.get("featspec") or {}).items()
-                     if k not in ("kind", "target_num_layers", "layer_ids")})
+              extra={k: v for k, v in head.record.items() if k not in ("kind", "target_num_layers", "layer_ids")})
     reloaded = load_head(out, dtype=None)
     if isinstance(head, Eagle3Head) and tuple(reloaded.layer_ids) != tuple(head.layer_ids):
         raise FeatspecError(f"export check failed: layer ids {reloaded.layer_ids} read back, {head.layer_ids} written")

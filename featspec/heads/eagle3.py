@@ -122,10 +122,15 @@ class Eagle3Head(DraftHead):
         return self.fc(torch.cat(hidden_states, -1).to(self.fc.weight.dtype))
 
     def forward(self, feats, tokens, positions, cache: KVCache | None = None, mask=None, ttt_past: list | None = None):
-        layer = self.midlayer
+        return self.run_layer(self.midlayer, feats, self.embed(tokens), positions, cache, mask, ttt_past)
+
+    def run_layer(self, layer: Eagle3Layer, feats: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                  cache: KVCache | None = None, mask=None, ttt_past: list | None = None) -> torch.Tensor:
+        """A decoder layer of this shape over (feature, input embedding) pairs: q/k/v read
+        `[input_layernorm(embedding), hidden_norm(feature)]` (the block head runs a second layer through it)."""
         normed = layer.hidden_norm(feats)
         residual = normed if self.cfg.norm_before_residual else feats
-        x = torch.cat([layer.input_layernorm(self.embed(tokens).to(feats.dtype)), normed], -1)
+        x = torch.cat([layer.input_layernorm(embeds.to(feats.dtype)), normed], -1)
         x = residual + self.attend(layer.self_attn, x, positions, cache, mask, ttt_past)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

@@ -6,8 +6,8 @@ what its checkpoint holds beside the optimizer (`state()` / `load(blob)`). The l
 all: gradient accumulation, clipping, the optimizer and schedule steps, a progress bar, and atomic checkpoints
 (written to a temp directory and swapped in, so a kill never leaves half of one) with exact resume.
 
-A checkpoint is a directory: `state.pt` (the trainer's tensors, optimizer, scheduler, and the meta) and
-`meta.json` (the same meta, readable: step, micro-batches, wall time, the trainer's own records).
+A checkpoint is a directory: `state.pt` (the trainer's tensors, optimizer, scheduler) and `meta.json` (the
+run's record: step, micro-batches, wall time, the trainer's own records).
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int]
 
 
 def read_checkpoint(ckpt: Path) -> dict | None:
-    """The blob of the checkpoint in `ckpt` (with its meta under "meta"), or None when there is none."""
+    """The blob of the checkpoint in `ckpt` with its meta under "meta", or None when there is none."""
     found = find_checkpoint(ckpt)
     if found is None:
         return None
     blob = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
-    if blob.get("meta") is None:  # written before the meta was stored beside the tensors
+    if blob.get("meta") is None:  # a mini's checkpoint from before this loop kept its full record in state.pt
         blob["meta"] = json.loads((found / "meta.json").read_text())
     return blob
 
@@ -114,7 +114,7 @@ class Loop:
         meta = self.meta
 
         def write(d: Path) -> None:
-            blob = {**self.state(), "meta": meta}
+            blob = self.state()
             if optimizer:
                 blob.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
             torch.save(blob, d / "state.pt")

@@ -227,9 +227,9 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
     torch.manual_seed(cfg.seed)  # head initialisation: the same run twice gives the same head
     head = build_head(cfg.method, target, examples, eos + keep, cfg.draft_vocab, cfg.layer_ids,
                       cfg.block_size).bind(target).to(device)
-    fresh_masks = cfg.method == "block" and found is None
+    fresh_slots = cfg.method == "block" and found is None  # a block head's slots with nothing to start from
     if init_state is not None:
-        fresh_masks = init_weights(head, init_state, cfg.init_from, target) and fresh_masks
+        fresh_slots = init_weights(head, init_state, cfg.init_from, target) and fresh_slots
     head.train()
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
             scale = _measure_scale(cache, target, head, examples, pad_id, device).to(device)
             if cfg.init_from:  # the initial weights read raw features: rescale them to read standardised ones
                 head.fc.weight.data = unfold(head.fc.weight.data, scale)
-    if fresh_masks:  # new slots: a copy of the EAGLE-3 layer, input embeddings at the first example's mean
+    if fresh_slots:  # new slots: a copy of the EAGLE-3 layer, input embeddings at the first example's mean
         with torch.no_grad():
             head.init_slots(head.embed(torch.tensor(examples[0].ids, device=device)))
     model, optimizer = accel.prepare(HeadLoss(cfg.method, head, target.get_output_embeddings(), scale, cfg.ttt_steps,
@@ -277,9 +277,10 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
             loop.write(f"step {state['step']}{label}: held-out agreement "
                        + " ".join(f"{k}={v:.3f}" for k, v in sorted(state["last_eval"].items())))
 
-    running: list[float] = []  # the loss's running mean over micro-batches, for the progress bar
+    running: float | None = None  # the loss's running mean over micro-batches, for the progress bar
 
     def micro_step(micro: int):
+        nonlocal running
         epoch, index = divmod(micro, per_epoch)
         if epoch >= cfg.epochs:
             return None
@@ -291,14 +292,14 @@ def train(cfg: TrainConfig, resume: bool = False, command: str = "") -> Path:
         state["tokens_seen"] += int(batch["attention_mask"].sum())
         state["loss_tokens_seen"] += int(batch["loss_mask"].sum())
         value = float(loss.detach())
-        running[:] = [value if not running else 0.9 * running[0] + 0.1 * value]
+        running = value if running is None else 0.9 * running + 0.1 * value
         return loss, stats
 
     def after_step(step: int, loss: float, stats: dict) -> dict:
         state["log"].append({"step": step, "loss": loss, **{k: round(v, 4) for k, v in stats.items()}})
         if cfg.eval_every and step % cfg.eval_every == 0:
             record_eval()
-        return {"loss": f"{running[0]:.3f}", "acc0": f"{stats.get('acc_0', 0):.2f}",
+        return {"loss": f"{running:.3f}", "acc0": f"{stats.get('acc_0', 0):.2f}",
                 "tok_s": f"{state['tokens_seen'] / max(state['wall_s'], 1e-9):.0f}"}
 
     if cfg.init_from and found is None and cfg.eval_every:
