@@ -17,7 +17,7 @@ from featspec.train.precondition import scaled
 
 
 def build_head(method: str, target, examples: list[Example], always_ids: list[int], draft_vocab: int,
-               layer_ids: tuple[int, ...] = (), block_size: int = 6) -> DraftHead:
+               layer_ids: tuple[int, ...] = (), block_size: int = 8) -> DraftHead:
     """A fresh head; `always_ids` join an EAGLE-3 (or block) draft vocabulary whatever their frequency (EOS, or
     the draft ids of a head the run widens)."""
     target_config = target.config.get_text_config()

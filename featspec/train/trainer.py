@@ -62,7 +62,7 @@ class TrainConfig:
     cache_features: str = ""  # directory for the target's features, computed once (default: online every epoch)
     precondition: bool = True  # EAGLE-3: train fc on per-dimension standardised features (train/precondition.py)
     layer_ids: tuple[int, ...] = ()  # EAGLE-3: HF hidden_states indices to fuse (default: inputs of layers 2, L//2, L-3)
-    block_size: int = 6  # block: positions drafted per head forward (k)
+    block_size: int = 8  # block: positions drafted per head forward (k; the auto budget's depth ceiling, docs/block.md)
     anchors: int = 16  # block: anchor positions per sequence whose k-1 mask slots a micro-batch scores
     train_base: bool = False  # block: also train the EAGLE-3 part (default: frozen, so position 0 stays EAGLE-3's)
 
