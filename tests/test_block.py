@@ -29,9 +29,9 @@ from test_sampling_lossless import MIN_P, N_SEEDS, PROMPT, chi2, exact_joint, ru
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_head(model, k: int = 4, vocab: int = 64, seed: int = 0) -> BlockHead:
+def make_head(model, k: int = 4, vocab: int = 64, seed: int = 0, chain: bool = True) -> BlockHead:
     torch.manual_seed(seed)
-    head = BlockHead(HeadConfig.from_target(model.config, draft_vocab_size=vocab), block_size=k).bind(model)
+    head = BlockHead(HeadConfig.from_target(model.config, draft_vocab_size=vocab), block_size=k, chain=chain).bind(model)
     head.set_vocab(torch.arange(model.config.vocab_size)[-vocab:])
     torch.nn.init.normal_(head.mask_feat, std=0.1)
     torch.nn.init.normal_(head.mask_embed, std=0.5)
@@ -106,11 +106,12 @@ def test_block_sampling_is_lossless():
     assert min(hist[0], hist[1]) > len(accepted) / 50, hist  # rejections and acceptances both exercised
 
 
-def test_training_forward_is_the_drafting_forward():
+@pytest.mark.parametrize("chain", [True, False])
+def test_training_forward_is_the_drafting_forward(chain):
     """What the loss scores is what drafting computes: for anchors a, the loss's slot outputs and entry a's output
     equal a drafting forward after entries 0..a (the slots see nothing past a, nor another block's slots)."""
     model = build_model(llama_config(layers=2), seed=0)
-    head = make_head(model, k=4).eval()
+    head = make_head(model, k=4, chain=chain).eval()
     ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     tb = target_batch(model, head, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)})
     anchors = torch.tensor([[3, 9, 15]])
@@ -120,8 +121,11 @@ def test_training_forward_is_the_drafting_forward():
         out = block_outputs(head, feats, head.embed(toks), anchors)
         for j, a in enumerate(anchors[0].tolist()):
             cache = head.new_cache()
-            drafted = head.draft(feats[0, : a + 1], toks[0, : a + 1], 0, cache, 4)
+            drafted, first_logits = head.draft(feats[0, : a + 1], toks[0, : a + 1], 0, cache, 4)
             assert cache.length == a + 1  # the slots left the cache
+            assert (first_logits is not None) == chain
+            if chain:  # the logits drafting reuses are position 0's
+                torch.testing.assert_close(first_logits, head.logits(drafted[:1]))
             trained = torch.cat([out[0, a: a + 1], out[0, 20 + 3 * j: 20 + 3 * (j + 1)]])
             torch.testing.assert_close(trained, drafted, rtol=1e-4, atol=1e-5)
 
@@ -137,12 +141,25 @@ def test_tree_is_best_first_and_prefix_closed():
     assert tree.parents == [-1, 0, 1, 1, 2, 3]
 
 
-def test_block_head_saves_loads_and_refuses_export(tmp_path):
+def test_chained_tree_grows_under_the_top_first_token_only():
+    """A chained head's later positions assume position 0's top token: a second-ranked first token stays a leaf
+    however well it scores; an unchained head extends it."""
+    model = build_model(llama_config(layers=1), seed=0)
+    lps = [[-0.1, -0.2], [-0.3, -0.4]]
+    ids = [[10, 11], [20, 21]]
+    chained = BlockDrafter(make_head(model, k=2), topk=2, total_tokens=6)._tree(1, ids, lps)
+    assert chained.tokens == [1, 10, 11, 20, 21] and chained.parents == [-1, 0, 0, 1, 1]
+    free = BlockDrafter(make_head(model, k=2, chain=False), topk=2, total_tokens=6)._tree(1, ids, lps)
+    assert free.tokens == [1, 10, 11, 20, 20, 21, 21] and free.parents == [-1, 0, 0, 1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_block_head_saves_loads_and_refuses_export(tmp_path, chain):
     model = build_model(llama_config(layers=4), seed=0)
-    head = make_head(model, k=5)
+    head = make_head(model, k=5, chain=chain)
     save_head(head, tmp_path / "h", dtype=torch.float32)
     back = load_head(tmp_path / "h")
-    assert isinstance(back, BlockHead) and back.block_size == 5
+    assert isinstance(back, BlockHead) and back.block_size == 5 and back.chain == chain
     for (k, a), (_, b) in zip(head.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     with pytest.raises(FeatspecError, match="no serving engine loads"):

@@ -47,29 +47,33 @@ class BlockDrafter(HeadState):
         m = self.pending.shape[0]
         tokens = torch.tensor(ctx.tokens[-m:], device=self.pending.device)
         # the block is drafted at full size whatever the room: a forward's cost hardly depends on k
-        out = self.head.draft(self.pending, tokens, self.cache.length, self.cache, self.head.block_size)
+        out, first_logits = self.head.draft(self.pending, tokens, self.cache.length, self.cache, self.head.block_size)
         self.pending = None
         tree = DraftTree.root(ctx.tokens[-1])
         if depth >= 1:
-            logp = self.head.logits(out[:depth]).float().log_softmax(-1)
+            # a chained head computed position 0's logits on the way: an LM-head read saved
+            logits = self.head.logits(out[:depth]) if first_logits is None else (
+                torch.cat([first_logits, self.head.logits(out[1:depth])]) if depth > 1 else first_logits)
+            logp = logits.float().log_softmax(-1)
             top = torch.topk(logp, min(self.topk, logp.shape[-1]), dim=-1)
             tree = self._tree(ctx.tokens[-1], self.head.to_target_ids(top.indices).tolist(), top.values.tolist())
         self._base_s = time.perf_counter() - t0
         return tree
 
     def _tree(self, root: int, ids: list[list[int]], lps: list[list[float]]) -> DraftTree:
-        """Best-first over paths: pop the best frontier node, keep it, push its children at the next position."""
+        """Best-first over paths: pop the best frontier node, keep it, push its children at the next position.
+        A chained head's later positions assume position 0's top token, so only that node gets children."""
         limit = self.total_tokens
         kept: list[tuple[float, int, int, int]] = []  # (score, depth, token, parent index into kept; -1 = root)
-        heap = [(-lps[0][r], 1, ids[0][r], -1) for r in range(len(ids[0]))]
+        heap = [(-lps[0][r], 1, ids[0][r], -1, r) for r in range(len(ids[0]))]
         heapq.heapify(heap)
         while heap and len(kept) < limit:
-            neg, d, tok, parent = heapq.heappop(heap)
+            neg, d, tok, parent, rank = heapq.heappop(heap)
             kept.append((-neg, d, tok, parent))
-            if d < len(ids):
+            if d < len(ids) and not (self.head.chain and d == 1 and rank > 0):
                 me = len(kept) - 1
                 for r in range(len(ids[d])):
-                    heapq.heappush(heap, (neg - lps[d][r], d + 1, ids[d][r], me))
+                    heapq.heappush(heap, (neg - lps[d][r], d + 1, ids[d][r], me, r))
         if self.budget is not None and kept:
             n = self.budget.choose([(s, d) for s, d, _, _ in kept], limit, 0)
             kept = kept[:n]  # best-first order: every kept node's parent comes before it

@@ -66,6 +66,7 @@ def head_config_json(head: DraftHead, dtype: str = "bfloat16", extra: dict | Non
         cfg["architectures"] = [BLOCK_ARCH if isinstance(head, BlockHead) else EAGLE3_ARCH]
         if isinstance(head, BlockHead):
             fs["block_size"] = head.block_size
+            fs["chain"] = head.chain
         cfg["draft_vocab_size"] = c.draft_vocab_size
         cfg["norm_before_residual"] = c.norm_before_residual
         if c.target_hidden_size and c.target_hidden_size != c.hidden_size:
@@ -291,7 +292,11 @@ def load_head(spec: str | Path, device: torch.device | str = "cpu", dtype: torch
             slots = tensors.get("mask_feat")
             if slots is None or slots.dim() != 2:
                 raise FeatspecError(f"{path} lacks mask_feat: not a complete block head (re-export it)")
-            head: DraftHead = BlockHead(hc, tuple(ids) if ids else None, num_fused=n_fused, block_size=slots.shape[0] + 1)
+            chain = fs.get("chain", False)  # heads from before chained slots name none
+            if not isinstance(chain, bool):
+                raise FeatspecError(f"{path}/config.json: featspec.chain must be true or false, got {chain!r}")
+            head: DraftHead = BlockHead(hc, tuple(ids) if ids else None, num_fused=n_fused,
+                                        block_size=slots.shape[0] + 1, chain=chain)
         else:
             head = Eagle3Head(hc, tuple(ids) if ids else None, num_fused=n_fused)
         if "d2t" not in tensors or "t2d" not in tensors:

@@ -139,8 +139,10 @@ def block_outputs(head, feats: torch.Tensor, embeds: torch.Tensor, anchor: torch
     slots = head.block_size - 1
     n_anchor = anchor.shape[1]
     real = head.run_layer(head.midlayer, feats, embeds, _positions(b, t, device), None, None)
-    newest = torch.gather(feats, 1, anchor[..., None].expand(-1, -1, feats.shape[-1]))  # (B, A, H)
-    slot_f, slot_e = head.slot_inputs(newest, slots)  # (B, A, k-1, H)
+    at = anchor[..., None].expand(-1, -1, feats.shape[-1])
+    first = torch.gather(real, 1, at)  # (B, A, H): the EAGLE-3 layer's output at each anchor
+    first_logits = head.logits(first) if head.chain else None
+    slot_f, slot_e = head.slot_inputs(torch.gather(feats, 1, at), first, first_logits, slots)  # (B, A, k-1, H)
     x_f = torch.cat([feats, slot_f.reshape(b, -1, feats.shape[-1])], 1)
     x_e = torch.cat([embeds, slot_e.reshape(b, -1, feats.shape[-1])], 1)
     slot_pos = (anchor[:, :, None] + torch.arange(1, slots + 1, device=device)).reshape(b, -1)
