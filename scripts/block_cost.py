@@ -1,7 +1,7 @@
 """How a block head's drafting forward costs with its block size k, beside an EAGLE-3 level (docs/block.md).
 
-Times `BlockHead.draft` (2 pending committed entries through both layers + the k-1 slots, after a 256-entry cache)
-for several k, and one EAGLE-3 tree level (4 frontier nodes) on the shipped head, in the dtype given; prints the CPU kind.
+Times `BlockHead.draft` (2 pending committed entries through both layers + the k-1 slots, after a 256-entry cache;
+chained, so it includes position 0's logits) and the slots' logits for several k, and one EAGLE-3 tree level (4 frontier nodes) on the shipped head, in the dtype given; prints the CPU kind.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def main(dtype_name: str = "bfloat16") -> None:
         head.init_slots(lm.model.get_input_embeddings().weight[:1000])
         cache = filled(head)
         t = median_ms(lambda: head.draft(feats[ctx:ctx + 2], toks[ctx:ctx + 2], ctx, cache, k))
-        lg = median_ms(lambda: head.logits(feats[:k]))
-        print(f"block k={k:2d}: forward {t:.2f} ms, logits {lg:.2f} ms")
+        lg = median_ms(lambda: head.logits(feats[:k - 1]))
+        print(f"block k={k:2d} (chained): forward incl. position 0's logits {t:.2f} ms, "
+              f"logits of the {k - 1} slots {lg:.2f} ms")
 
 
 if __name__ == "__main__":

