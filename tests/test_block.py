@@ -165,3 +165,14 @@ def test_block_head_saves_loads_and_refuses_export(tmp_path, chain):
     with pytest.raises(FeatspecError, match="no serving engine loads"):
         export_head(str(tmp_path / "h"), "vllm", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_block_head_with_a_bad_chain_flag_is_refused(tmp_path):
+    import json
+    model = build_model(llama_config(layers=4), seed=0)
+    save_head(make_head(model, k=3), tmp_path / "h", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    cfg["featspec"]["chain"] = "yes"
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FeatspecError, match="featspec.chain must be true or false"):
+        load_head(tmp_path / "h")
