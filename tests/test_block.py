@@ -4,6 +4,7 @@ head's save/load/export rules."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -168,7 +169,6 @@ def test_block_head_saves_loads_and_refuses_export(tmp_path, chain):
 
 
 def test_block_head_with_a_bad_chain_flag_is_refused(tmp_path):
-    import json
     model = build_model(llama_config(layers=4), seed=0)
     save_head(make_head(model, k=3), tmp_path / "h", dtype=torch.float32)
     cfg = json.loads((tmp_path / "h" / "config.json").read_text())

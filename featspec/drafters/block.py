@@ -51,9 +51,12 @@ class BlockDrafter(HeadState):
         self.pending = None
         tree = DraftTree.root(ctx.tokens[-1])
         if depth >= 1:
-            # a chained head computed position 0's logits on the way: an LM-head read saved
-            logits = self.head.logits(out[:depth]) if first_logits is None else (
-                torch.cat([first_logits, self.head.logits(out[1:depth])]) if depth > 1 else first_logits)
+            if first_logits is None:
+                logits = self.head.logits(out[:depth])
+            elif depth == 1:
+                logits = first_logits
+            else:  # a chained head computed position 0's logits on the way: one LM-head read saved
+                logits = torch.cat([first_logits, self.head.logits(out[1:depth])])
             logp = logits.float().log_softmax(-1)
             top = torch.topk(logp, min(self.topk, logp.shape[-1]), dim=-1)
             tree = self._tree(ctx.tokens[-1], self.head.to_target_ids(top.indices).tolist(), top.values.tolist())
